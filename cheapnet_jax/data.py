@@ -1,0 +1,162 @@
+"""Reading DAGM 2007 folders, normalisation and batching.
+
+A DAGM class folder (``Class6/Train`` or ``Class6/Test``) holds ``NNNN.PNG`` images and
+``Label/Labels.txt``, whose first line is the class number and whose rows are
+``id <TAB> defective <TAB> image <TAB> 0 <TAB> label`` (label is ``0`` when the image has no
+defect). Labels are ``Label/NNNN_label.PNG``, 0/255 ellipses.
+
+Images must be 8-bit grayscale with H and W multiples of 16; RGB, 16-bit or palette PNGs are
+rejected (not converted): DAGM is 8-bit grayscale, so anything else means the wrong files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cheapnet_jax.model import SIZE_MULTIPLE
+
+CLASS6_MEAN = 0.348
+"""The authors' normalisation mean of pixel/255 (their Class-6 value, used for every class)."""
+CLASS6_STD = 0.278
+"""The authors' normalisation standard deviation of pixel/255."""
+LABELS_FILE = Path("Label") / "Labels.txt"
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class DagmSample:
+    """One row of a DAGM ``Labels.txt``: an image and, when defective, its label file."""
+
+    image_path: Path
+    label_path: Path | None
+    class_id: int
+
+    @property
+    def name(self) -> str:
+        return self.image_path.name
+
+
+def list_dagm_samples(folder: str | os.PathLike) -> list[DagmSample]:
+    """The samples of a DAGM class folder, in ``Labels.txt`` order; checks that files exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (expected a DAGM class folder such as Class6/Train)")
+    labels_file = folder / LABELS_FILE
+    if not labels_file.is_file():
+        raise DataError(f"{labels_file}: missing: a DAGM class folder needs Label/Labels.txt")
+    lines = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
+    if not lines or len(lines[0]) != 1 or not lines[0][0].isdigit():
+        raise DataError(f"{labels_file}: the first line must be the class number")
+    class_id = int(lines[0][0])
+    samples = []
+    for line_number, fields in enumerate(lines[1:], start=2):
+        if len(fields) != 5 or fields[1] not in ("0", "1"):
+            raise DataError(
+                f"{labels_file}:{line_number}: expected 'id defective image 0 label', got {fields}"
+            )
+        image_path = folder / fields[2]
+        if not image_path.is_file():
+            raise DataError(f"{image_path}: listed in {labels_file}:{line_number} but missing")
+        label_path = None
+        if fields[1] == "1":
+            label_path = folder / "Label" / fields[4]
+            if not label_path.is_file():
+                raise DataError(f"{label_path}: listed in {labels_file}:{line_number} but missing")
+        samples.append(DagmSample(image_path, label_path, class_id))
+    if not samples:
+        raise DataError(f"{labels_file}: lists no images")
+    return samples
+
+
+def read_grayscale_png(path: str | os.PathLike) -> np.ndarray:
+    """An 8-bit grayscale image as uint8 ``[H, W]``; DataError for anything else."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode != "L":
+                raise DataError(
+                    f"{path}: image mode {mode!r} ({_describe_mode(mode)}); expected 8-bit "
+                    "grayscale ('L'): convert it first, e.g. PIL's Image.convert('L')"
+                )
+            pixels = np.asarray(image, dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+    return pixels
+
+
+def _describe_mode(mode: str) -> str:
+    return {
+        "RGB": "colour",
+        "RGBA": "colour with alpha",
+        "I;16": "16-bit",
+        "I;16B": "16-bit",
+        "I": "32-bit integer",
+        "P": "palette",
+        "1": "1-bit",
+        "LA": "grayscale with alpha",
+    }.get(mode, "unsupported")
+
+
+def check_image_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
+    """DataError unless H and W are positive multiples of 16."""
+    height, width = shape[:2]
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or not height or not width:
+        raise DataError(
+            f"{path}: size {height}x{width} is not a multiple of {SIZE_MULTIPLE} "
+            "(CheapNet has four stride-2 stages): pad or crop it"
+        )
+
+
+def read_sample(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
+    """``(image uint8 [H, W], mask bool [H, W])``; a defect-free sample has an all-false mask."""
+    image = read_grayscale_png(sample.image_path)
+    check_image_size(sample.image_path, image.shape)
+    if sample.label_path is None:
+        return image, np.zeros(image.shape, bool)
+    label = read_grayscale_png(sample.label_path)
+    if label.shape != image.shape:
+        raise DataError(
+            f"{sample.label_path}: label size {label.shape[0]}x{label.shape[1]} differs from "
+            f"its image {sample.image_path.name} ({image.shape[0]}x{image.shape[1]})"
+        )
+    # The authors read labels as 1-bit images: any non-zero pixel is a defect.
+    return image, label > 0
+
+
+def normalize(images: np.ndarray, mean: float = CLASS6_MEAN, std: float = CLASS6_STD) -> np.ndarray:
+    """uint8 ``[..., H, W]`` -> float32 ``[..., H, W, 1]`` as ``(pixel / 255 - mean) / std``."""
+    scaled = images.astype(np.float32) / np.float32(255.0)
+    return ((scaled - np.float32(mean)) / np.float32(std))[..., None]
+
+
+def iterate_batches(
+    samples: list[DagmSample], batch_size: int
+) -> Iterator[tuple[list[DagmSample], np.ndarray, np.ndarray]]:
+    """Yield ``(samples, images uint8 [b, H, W], masks bool [b, H, W])``, b <= batch_size.
+
+    Only one batch is in memory at a time. All images of a batch must have the same size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        pairs = [read_sample(sample) for sample in chunk]
+        shapes = {image.shape for image, _ in pairs}
+        if len(shapes) > 1:
+            raise DataError(
+                f"images of different sizes in one batch ({sorted(shapes)}): "
+                f"{', '.join(str(s.image_path) for s in chunk)}; use --batch-size 1"
+            )
+        yield chunk, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

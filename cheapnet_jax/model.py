@@ -1,0 +1,335 @@
+"""CheapNet in Flax Linen, NHWC.
+
+The architecture is the one of the authors' released checkpoints (see the README's
+"Architecture" section): a U-shaped net whose width G is constant,
+
+    encoder1   3x3 conv 1->G                     H
+    encoder2   3x3 depthwise conv, stride 2      H/2
+    encoder3   3x3 depthwise conv, stride 2      H/4
+    encoder4   3x3 depthwise conv, stride 2      H/8
+    bottleneck 3x3 depthwise conv, stride 2      H/16
+    decoder1   3x3 grouped transposed conv G->G, stride 2            (bottleneck)
+    decoder2   3x3 grouped transposed conv 2G->G, stride 2, groups G (encoder4, decoder1)
+    decoder3   ...                                                   (encoder3, decoder2)
+    decoder4   ...                                                   (encoder2, decoder3)
+    output     1x1 conv 2G->1                                        (encoder1, decoder4)
+
+every conv with a bias and followed by BatchNorm and LeakyReLU(0.2). The model returns the
+pre-sigmoid logits (the output block's LeakyReLU output); probabilities are their sigmoid.
+
+Every layer has two interchangeable implementations over the same parameters:
+
+- ``"lax"``: the reference, `jax.lax.conv_general_dilated` with `feature_group_count` (and
+  `lhs_dilation` for the transposed convolutions);
+- ``"fused"``: shifted multiply-adds that XLA fuses into a few loops. XLA:CPU runs grouped
+  convolutions through a slow generic path, so this form is much faster there.
+
+``impl="auto"`` picks ``"fused"`` on the CPU and ``"lax"`` on accelerators.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+VARIANTS: dict[str, int] = {"S": 2, "M": 32, "L": 1024}
+"""The paper's variants: name -> width G."""
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # Flax convention: new = momentum * old + (1 - momentum) * batch (PyTorch's 0.1).
+LEAKY_SLOPE = 0.2
+SIZE_MULTIPLE = 16  # four stride-2 stages: H and W must divide by 2**4.
+
+Impl = Literal["auto", "lax", "fused"]
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_impl(impl: Impl) -> Literal["lax", "fused"]:
+    """Turn ``"auto"`` into the implementation that is fastest on the default backend."""
+    if impl == "auto":
+        return "fused" if jax.default_backend() == "cpu" else "lax"
+    if impl not in ("lax", "fused"):
+        raise ValueError(f"impl must be 'auto', 'lax' or 'fused', got {impl!r}")
+    return impl
+
+
+def param_count(features: int) -> int:
+    """Number of trainable parameters of CheapNet with width ``features`` (137*G + 3)."""
+    return 137 * features + 3
+
+
+def _grouped_pointwise(x: jax.Array, kernel_tap: jax.Array, groups: int) -> jax.Array:
+    """One kernel tap of a grouped convolution, as a broadcast multiply and a small sum.
+
+    x: [B, H, W, Cin]; kernel_tap: [Cin/groups, Cout] (one spatial tap of an HWIO kernel).
+    Returns [B, H, W, Cout] with out[..., g*r_out + o] = sum_s x[..., g*r_in + s] * k[s, g*r_out + o].
+    """
+    in_per_group, out_features = kernel_tap.shape
+    out_per_group = out_features // groups
+    x_grouped = x.reshape(*x.shape[:3], groups, in_per_group, 1)
+    # [r_in, G*r_out] -> [G, r_in, r_out]
+    k_grouped = kernel_tap.reshape(in_per_group, groups, out_per_group).transpose(1, 0, 2)
+    return jnp.sum(x_grouped * k_grouped, axis=-2).reshape(*x.shape[:3], out_features)
+
+
+def _shift_up_left(x: jax.Array, rows: int, cols: int) -> jax.Array:
+    """x[:, i + rows, j + cols] with zeros past the bottom/right edge (rows, cols in {0, 1})."""
+    padded = jnp.pad(x, ((0, 0), (0, rows), (0, cols), (0, 0)))
+    return padded[:, rows : rows + x.shape[1], cols : cols + x.shape[2], :]
+
+
+class Conv(nn.Module):
+    """Square convolution with 'same' padding (k//2), optional stride 2 and groups; with bias.
+
+    The kernel is HWIO, ``[k, k, Cin/groups, features]``, exactly what `lax.conv_general_dilated`
+    takes with ``feature_group_count=groups``.
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    groups: int = 1
+    impl: Impl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{in_features} input and {self.features} output channels do not split "
+                f"into {self.groups} groups"
+            )
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel",
+            nn.initializers.kaiming_uniform(),
+            (k, k, in_features // self.groups, self.features),
+        ).astype(x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        pad = k // 2
+        if resolve_impl(self.impl) == "lax":
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=((pad, pad), (pad, pad)),
+                dimension_numbers=_DIMENSION_NUMBERS,
+                feature_group_count=self.groups,
+            )
+        else:
+            y = self._fused(x, kernel, pad)
+        return y + bias
+
+    def _fused(self, x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+        k, s = self.kernel_size, self.stride
+        out_h = (x.shape[1] + 2 * pad - k) // s + 1
+        out_w = (x.shape[2] + 2 * pad - k) // s + 1
+        padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        y = None
+        for di in range(k):
+            for dj in range(k):
+                window = padded[:, di : di + s * (out_h - 1) + 1 : s, dj : dj + s * (out_w - 1) + 1 : s]
+                term = _grouped_pointwise(window, kernel[di, dj], self.groups)
+                y = term if y is None else y + term
+        return y
+
+
+class ConvTranspose(nn.Module):
+    """3x3 stride-2 transposed convolution with groups, PyTorch's padding 1, output_padding 1.
+
+    Output size is exactly twice the input size. The kernel is stored as the HWIO kernel of the
+    equivalent forward convolution over the 2x-dilated input (`lhs_dilation=2`, padding (1, 2)):
+    ``[3, 3, Cin/groups, features]``, i.e. PyTorch's ``(Cin, Cout/groups, 3, 3)`` regrouped and
+    spatially flipped (`cheapnet_jax.torch_import` does that conversion).
+    """
+
+    features: int
+    groups: int = 1
+    impl: Impl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{in_features} input and {self.features} output channels do not split "
+                f"into {self.groups} groups"
+            )
+        kernel = self.param(
+            "kernel",
+            nn.initializers.kaiming_uniform(),
+            (3, 3, in_features // self.groups, self.features),
+        ).astype(x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        if resolve_impl(self.impl) == "lax":
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(1, 1),
+                padding=((1, 2), (1, 2)),
+                lhs_dilation=(2, 2),
+                dimension_numbers=_DIMENSION_NUMBERS,
+                feature_group_count=self.groups,
+            )
+        else:
+            y = self._sub_pixel(x, kernel)
+        return y + bias
+
+    def _sub_pixel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The four output phases of the stride-2 transposed convolution (sub-pixel form).
+
+        On the dilated input z (z[2m] = x[m], zeros between) padded by 1 before,
+        out[p] = sum_t z[p + t - 1] K[t], so out[2i] = K[1] x[i] and
+        out[2i+1] = K[0] x[i] + K[2] x[i+1] along each axis.
+        """
+
+        def tap(shifted: jax.Array, row: int, col: int) -> jax.Array:
+            return _grouped_pointwise(shifted, kernel[row, col], self.groups)
+
+        x_right = _shift_up_left(x, 0, 1)
+        x_down = _shift_up_left(x, 1, 0)
+        x_diag = _shift_up_left(x, 1, 1)
+        even_even = tap(x, 1, 1)
+        even_odd = tap(x, 1, 0) + tap(x_right, 1, 2)
+        odd_even = tap(x, 0, 1) + tap(x_down, 2, 1)
+        odd_odd = tap(x, 0, 0) + tap(x_right, 0, 2) + tap(x_down, 2, 0) + tap(x_diag, 2, 2)
+        even_rows = jnp.stack([even_even, even_odd], axis=3)  # [B, H, W, 2, C]
+        odd_rows = jnp.stack([odd_even, odd_odd], axis=3)
+        phases = jnp.stack([even_rows, odd_rows], axis=2)  # [B, H, 2, W, 2, C]
+        b, h, _, w, _, c = phases.shape
+        return phases.reshape(b, 2 * h, 2 * w, c)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over N, H, W with PyTorch's semantics.
+
+    Training normalises with the biased batch variance and updates ``var`` with the *unbiased*
+    one, like `torch.nn.BatchNorm2d` (Flax's BatchNorm uses the biased one). With ``axis_name``
+    the batch statistics are averaged across devices (cross-replica BatchNorm); the per-device
+    batches must then all have the same size.
+    """
+
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,)).astype(x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,)).astype(x.dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if not train:
+            mean = running_mean.value.astype(x.dtype)
+            var = running_var.value.astype(x.dtype)
+        else:
+            mean, var = self._batch_moments(x)
+            if not self.is_initializing():
+                count = x.size // features
+                if self.axis_name is not None:
+                    count = count * lax.psum(1, self.axis_name)
+                unbiased_var = var * count / max(count - 1, 1)
+                m = self.momentum
+                stats_dtype = running_mean.value.dtype
+                running_mean.value = (m * running_mean.value + (1 - m) * mean).astype(stats_dtype)
+                running_var.value = (m * running_var.value + (1 - m) * unbiased_var).astype(
+                    stats_dtype
+                )
+        inv_std = lax.rsqrt(var + jnp.asarray(self.epsilon, x.dtype))
+        return (x - mean) * (inv_std * scale) + bias
+
+    def _batch_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        if self.axis_name is not None:
+            mean = lax.pmean(mean, self.axis_name)
+        # Two passes (mean first, then squared deviations) rather than E[x^2] - E[x]^2.
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        if self.axis_name is not None:
+            var = lax.pmean(var, self.axis_name)
+        return mean, var
+
+
+class ConvBlock(nn.Module):
+    """conv (or transposed conv) -> BatchNorm -> LeakyReLU(0.2)."""
+
+    features: int
+    kind: Literal["conv", "transpose"] = "conv"
+    kernel_size: int = 3
+    stride: int = 1
+    groups: int = 1
+    impl: Impl = "auto"
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.kind == "transpose":
+            y = ConvTranspose(self.features, self.groups, self.impl, name="conv")(x)
+        else:
+            y = Conv(
+                self.features, self.kernel_size, self.stride, self.groups, self.impl, name="conv"
+            )(x)
+        y = BatchNorm(axis_name=self.bn_axis_name, name="bn")(y, train)
+        return nn.leaky_relu(y, LEAKY_SLOPE)
+
+
+def check_input_shape(shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``shape`` is NHWC ``[B, H, W, 1]`` with H, W multiples of 16."""
+    if len(shape) != 4 or shape[-1] != 1:
+        raise ValueError(f"CheapNet takes NHWC input [B, H, W, 1], got shape {tuple(shape)}")
+    _, height, width, _ = shape
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height == 0 or width == 0:
+        raise ValueError(
+            f"CheapNet needs H and W to be positive multiples of {SIZE_MULTIPLE} "
+            f"(four stride-2 stages), got H={height}, W={width}: pad or crop the image"
+        )
+
+
+class CheapNet(nn.Module):
+    """CheapNet of width ``features`` (G >= 1).
+
+    ``apply(variables, x, train=False)`` with x float ``[B, H, W, 1]`` (already normalised,
+    H and W multiples of 16) returns pre-sigmoid logits ``[B, H, W, 1]`` in x's dtype.
+    ``bn_axis_name`` makes training-mode BatchNorm average its statistics over that pmap axis.
+    """
+
+    features: int
+    impl: Impl = "auto"
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.features < 1:
+            raise ValueError(f"features (G) must be >= 1, got {self.features}")
+        check_input_shape(x.shape)
+        g = self.features
+
+        def block(name: str, **kwargs) -> ConvBlock:
+            return ConvBlock(
+                features=kwargs.pop("features", g),
+                impl=self.impl,
+                bn_axis_name=self.bn_axis_name,
+                name=name,
+                **kwargs,
+            )
+
+        e1 = block("encoder1")(x, train)
+        e2 = block("encoder2", stride=2, groups=g)(e1, train)
+        e3 = block("encoder3", stride=2, groups=g)(e2, train)
+        e4 = block("encoder4", stride=2, groups=g)(e3, train)
+        b = block("bottleneck", stride=2, groups=g)(e4, train)
+        d1 = block("decoder1", kind="transpose", groups=g)(b, train)
+        d2 = block("decoder2", kind="transpose", groups=g)(jnp.concatenate([e4, d1], -1), train)
+        d3 = block("decoder3", kind="transpose", groups=g)(jnp.concatenate([e3, d2], -1), train)
+        d4 = block("decoder4", kind="transpose", groups=g)(jnp.concatenate([e2, d3], -1), train)
+        return block("output", features=1, kernel_size=1)(jnp.concatenate([e1, d4], -1), train)
+
+
+def init_variables(model: CheapNet, rng: jax.Array, image_size: int = 16) -> dict:
+    """Fresh variables (``params`` and ``batch_stats``) for ``model``."""
+    dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+    return dict(model.init(rng, dummy, train=False))

@@ -1,0 +1,192 @@
+"""The authors' PyTorch checkpoints <-> Flax variables.
+
+The authors save ``torch.save({"CheapNet": model.state_dict()}, path)`` with tensors on
+``cuda:0``. Keys are ``<block>.0.{weight,bias}`` (the convolution) and
+``<block>.1.{weight,bias,running_mean,running_var,num_batches_tracked}`` (its BatchNorm2d).
+
+Files are read with ``torch.load(..., weights_only=True)``: a checkpoint is never unpickled
+with arbitrary code execution.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cheapnet_jax.model import CheapNet, Impl
+
+CONV_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "bottleneck", "output")
+TRANSPOSED_BLOCKS = ("decoder1", "decoder2", "decoder3", "decoder4")
+BLOCKS = (*CONV_BLOCKS[:5], *TRANSPOSED_BLOCKS, "output")
+STATE_DICT_KEY = "CheapNet"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit CheapNet."""
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "reading or writing PyTorch checkpoints needs torch: pip install 'cheapnet-jax[torch]'"
+        ) from err
+    return torch
+
+
+def expected_torch_shapes(features: int) -> dict[str, tuple[int, ...]]:
+    """Every state_dict key of the authors' CheapNet of width G with its tensor shape."""
+    g = features
+    conv_weight = {
+        "encoder1": (g, 1, 3, 3),
+        "encoder2": (g, 1, 3, 3),
+        "encoder3": (g, 1, 3, 3),
+        "encoder4": (g, 1, 3, 3),
+        "bottleneck": (g, 1, 3, 3),
+        "decoder1": (g, 1, 3, 3),  # ConvTranspose2d: (Cin, Cout/groups, k, k)
+        "decoder2": (2 * g, 1, 3, 3),
+        "decoder3": (2 * g, 1, 3, 3),
+        "decoder4": (2 * g, 1, 3, 3),
+        "output": (1, 2 * g, 1, 1),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for block in BLOCKS:
+        out = 1 if block == "output" else g
+        shapes[f"{block}.0.weight"] = conv_weight[block]
+        shapes[f"{block}.0.bias"] = (out,)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{block}.1.{name}"] = (out,)
+        shapes[f"{block}.1.num_batches_tracked"] = ()
+    return shapes
+
+
+def _transposed_torch_to_hwio(weight: np.ndarray, groups: int) -> np.ndarray:
+    """ConvTranspose2d weight (Cin, Cout/G, k, k) -> HWIO kernel of the equivalent dilated conv."""
+    cin, cout_per_group, kh, kw = weight.shape
+    per_group = weight.reshape(groups, cin // groups, cout_per_group, kh, kw)
+    oihw = per_group.transpose(0, 2, 1, 3, 4).reshape(groups * cout_per_group, cin // groups, kh, kw)
+    return np.ascontiguousarray(oihw[:, :, ::-1, ::-1].transpose(2, 3, 1, 0))
+
+
+def _hwio_to_transposed_torch(kernel: np.ndarray, groups: int) -> np.ndarray:
+    """Inverse of `_transposed_torch_to_hwio`."""
+    kh, kw, cin_per_group, cout = kernel.shape
+    oihw = kernel.transpose(3, 2, 0, 1)[:, :, ::-1, ::-1]
+    per_group = oihw.reshape(groups, cout // groups, cin_per_group, kh, kw).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(per_group.reshape(groups * cin_per_group, cout // groups, kh, kw))
+
+
+def _read_state_dict(path: str | os.PathLike) -> Mapping[str, object]:
+    torch = _import_torch()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
+        raise CheckpointError(
+            f"{os.fspath(path)}: not a readable PyTorch checkpoint of tensors "
+            f"(torch.load with weights_only=True failed: {type(err).__name__}: {err})"
+        ) from err
+    if isinstance(loaded, Mapping) and STATE_DICT_KEY in loaded:
+        loaded = loaded[STATE_DICT_KEY]
+    if not isinstance(loaded, Mapping) or "encoder1.0.weight" not in loaded:
+        found = list(loaded)[:8] if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise CheckpointError(
+            f"{os.fspath(path)}: not a CheapNet checkpoint: expected {{'CheapNet': state_dict}} "
+            f"or a state_dict with 'encoder1.0.weight', found {found}"
+        )
+    return loaded
+
+
+def state_dict_to_variables(state_dict: Mapping[str, object], source: str = "state_dict") -> dict:
+    """Convert a CheapNet state_dict (torch tensors or numpy arrays) into Flax variables.
+
+    Raises CheckpointError naming every missing, unexpected or mis-shaped key.
+    """
+    arrays = {key: np.asarray(value) for key, value in state_dict.items()}
+    first = arrays.get("encoder1.0.weight")
+    if first is None or first.ndim != 4:
+        raise CheckpointError(f"{source}: 'encoder1.0.weight' missing or not a 4-d tensor")
+    features = int(first.shape[0])
+    expected = expected_torch_shapes(features)
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: does not fit CheapNet(G={features}): missing keys {missing}, "
+            f"unexpected keys {unexpected}"
+        )
+    for key, shape in expected.items():
+        if arrays[key].shape != shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {arrays[key].shape}, "
+                f"CheapNet(G={features}) needs {shape}"
+            )
+
+    params: dict = {}
+    batch_stats: dict = {}
+    for block in BLOCKS:
+        weight = arrays[f"{block}.0.weight"].astype(np.float32)
+        if block in TRANSPOSED_BLOCKS:
+            kernel = _transposed_torch_to_hwio(weight, groups=features)
+        else:
+            kernel = weight.transpose(2, 3, 1, 0)
+        params[block] = {
+            "conv": {"kernel": kernel, "bias": arrays[f"{block}.0.bias"]},
+            "bn": {"scale": arrays[f"{block}.1.weight"], "bias": arrays[f"{block}.1.bias"]},
+        }
+        batch_stats[block] = {
+            "bn": {"mean": arrays[f"{block}.1.running_mean"], "var": arrays[f"{block}.1.running_var"]}
+        }
+    variables = {"params": params, "batch_stats": batch_stats}
+    return jax.tree.map(lambda array: jnp.asarray(array, jnp.float32), variables)
+
+
+def features_of(variables: Mapping) -> int:
+    """The width G of CheapNet variables."""
+    return int(variables["params"]["encoder1"]["conv"]["kernel"].shape[-1])
+
+
+def load_torch_checkpoint(
+    path: str | os.PathLike, *, impl: Impl = "auto"
+) -> tuple[CheapNet, dict]:
+    """Read an authors' checkpoint: returns ``(CheapNet(features=G), variables)``, G from the file."""
+    variables = state_dict_to_variables(_read_state_dict(path), source=os.fspath(path))
+    return CheapNet(features=features_of(variables), impl=impl), variables
+
+
+def variables_to_state_dict(variables: Mapping) -> dict:
+    """Flax CheapNet variables -> the authors' state_dict (torch float32 tensors)."""
+    torch = _import_torch()
+    features = features_of(variables)
+    params, stats = variables["params"], variables["batch_stats"]
+    state: dict = {}
+    for block in BLOCKS:
+        kernel = np.asarray(params[block]["conv"]["kernel"], np.float32)
+        if block in TRANSPOSED_BLOCKS:
+            weight = _hwio_to_transposed_torch(kernel, groups=features)
+        else:
+            weight = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+        entries = {
+            "0.weight": weight,
+            "0.bias": params[block]["conv"]["bias"],
+            "1.weight": params[block]["bn"]["scale"],
+            "1.bias": params[block]["bn"]["bias"],
+            "1.running_mean": stats[block]["bn"]["mean"],
+            "1.running_var": stats[block]["bn"]["var"],
+        }
+        for name, value in entries.items():
+            state[f"{block}.{name}"] = torch.from_numpy(np.array(value, np.float32))
+        state[f"{block}.1.num_batches_tracked"] = torch.tensor(0, dtype=torch.int64)
+    return state
+
+
+def save_torch_checkpoint(variables: Mapping, path: str | os.PathLike) -> None:
+    """Write ``{"CheapNet": state_dict}`` that the authors' PyTorch code loads."""
+    torch = _import_torch()
+    torch.save({STATE_DICT_KEY: variables_to_state_dict(variables)}, path)
