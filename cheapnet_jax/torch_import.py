@@ -103,12 +103,22 @@ def _read_state_dict(path: str | os.PathLike) -> Mapping[str, object]:
     return loaded
 
 
-def state_dict_to_variables(state_dict: Mapping[str, object], source: str = "state_dict") -> dict:
+def _to_numpy_copy(value: object) -> np.ndarray:
+    """A numpy copy: the Flax variables must not share memory with (mutable) torch tensors."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.array(value, copy=True)
+
+
+def state_dict_to_variables(
+    state_dict: Mapping[str, object], source: str = "state_dict", dtype=np.float32
+) -> dict:
     """Convert a CheapNet state_dict (torch tensors or numpy arrays) into Flax variables.
 
-    Raises CheckpointError naming every missing, unexpected or mis-shaped key.
+    Raises CheckpointError naming every missing, unexpected or mis-shaped key. ``dtype`` is
+    the dtype of the returned arrays (float64 needs ``jax_enable_x64``).
     """
-    arrays = {key: np.asarray(value) for key, value in state_dict.items()}
+    arrays = {key: _to_numpy_copy(value) for key, value in state_dict.items()}
     first = arrays.get("encoder1.0.weight")
     if first is None or first.ndim != 4:
         raise CheckpointError(f"{source}: 'encoder1.0.weight' missing or not a 4-d tensor")
@@ -131,7 +141,7 @@ def state_dict_to_variables(state_dict: Mapping[str, object], source: str = "sta
     params: dict = {}
     batch_stats: dict = {}
     for block in BLOCKS:
-        weight = arrays[f"{block}.0.weight"].astype(np.float32)
+        weight = arrays[f"{block}.0.weight"]
         if block in TRANSPOSED_BLOCKS:
             kernel = _transposed_torch_to_hwio(weight, groups=features)
         else:
@@ -144,7 +154,7 @@ def state_dict_to_variables(state_dict: Mapping[str, object], source: str = "sta
             "bn": {"mean": arrays[f"{block}.1.running_mean"], "var": arrays[f"{block}.1.running_var"]}
         }
     variables = {"params": params, "batch_stats": batch_stats}
-    return jax.tree.map(lambda array: jnp.asarray(array, jnp.float32), variables)
+    return jax.tree.map(lambda array: jnp.asarray(array, dtype), variables)
 
 
 def features_of(variables: Mapping) -> int:

@@ -1,0 +1,29 @@
+"""Shared test fixtures: paths to ../shared material and skip rules when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CHEAPNET_SHARED", REPO_ROOT.parent / "shared"))
+CHECKPOINTS = SHARED / "torch-checkpoints"
+SAMPLES = SHARED / "dagm-samples" / "Class6" / "Train"
+CHECKPOINT_FEATURES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def checkpoint_path(features: int) -> Path:
+    """The authors' checkpoint of width G; skips the test when it is not there."""
+    path = CHECKPOINTS / f"CheapNet_G{features}.pkl"
+    if not path.is_file():
+        pytest.skip(f"{path} absent: the authors' checkpoints live in ../shared/torch-checkpoints")
+    return path
+
+
+@pytest.fixture
+def samples_folder() -> Path:
+    if not (SAMPLES / "Label" / "Labels.txt").is_file():
+        pytest.skip(f"{SAMPLES} absent: the real DAGM samples live in ../shared/dagm-samples")
+    return SAMPLES

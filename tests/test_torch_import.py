@@ -1,0 +1,160 @@
+"""The authors' checkpoints in Flax: exact import/export, clear errors, and reproduction of
+REFERENCE.md against an independent PyTorch model (tests/torch_reference.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CHECKPOINT_FEATURES, checkpoint_path
+
+from cheapnet_jax import CheckpointError, load_torch_checkpoint, save_torch_checkpoint
+from cheapnet_jax.data import list_dagm_samples, normalize, read_sample
+from cheapnet_jax.metrics import confusion_counts, counts_from_array, segmentation_metrics
+
+torch = pytest.importorskip("torch", reason="torch is needed to read PyTorch checkpoints")
+from torch_reference import TorchCheapNet, load_reference, probabilities_nhwc  # noqa: E402
+
+# REFERENCE.md: G -> (mIoU, IoU background, IoU defect, mAcc, pixel accuracy), 10 samples.
+REFERENCE_SEGMENTATION = {
+    1: (0.8377, 0.9711, 0.7044, 0.8790, 0.9729),
+    2: (0.8715, 0.9770, 0.7661, 0.9124, 0.9786),
+    4: (0.9318, 0.9877, 0.8759, 0.9707, 0.9887),
+    8: (0.9310, 0.9875, 0.8744, 0.9703, 0.9885),
+    16: (0.9346, 0.9884, 0.8808, 0.9648, 0.9893),
+    32: (0.9305, 0.9872, 0.8739, 0.9773, 0.9883),
+    64: (0.9315, 0.9878, 0.8751, 0.9642, 0.9888),
+    128: (0.9308, 0.9879, 0.8737, 0.9566, 0.9888),
+    256: (0.9271, 0.9867, 0.8675, 0.9719, 0.9877),
+    512: (0.9262, 0.9868, 0.8657, 0.9629, 0.9878),
+    1024: (0.9152, 0.9839, 0.8465, 0.9776, 0.9852),
+}
+METRIC_NAMES = ("miou", "iou_background", "iou_defect", "macc", "pixel_acc")
+
+
+def _flax_probabilities(model, variables, x: np.ndarray) -> np.ndarray:
+    apply = jax.jit(lambda v, batch: jax.nn.sigmoid(model.apply(v, batch))[..., 0])
+    return np.asarray(apply(variables, jnp.asarray(x)))
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    _, variables = load_torch_checkpoint(checkpoint_path(4))
+    save_torch_checkpoint(variables, tmp_path / "exported.pkl")
+    _, again = load_torch_checkpoint(tmp_path / "exported.pkl")
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_loads_into_pytorch_with_the_original_tensors(tmp_path):
+    original = torch.load(checkpoint_path(8), map_location="cpu", weights_only=True)["CheapNet"]
+    _, variables = load_torch_checkpoint(checkpoint_path(8))
+    save_torch_checkpoint(variables, tmp_path / "exported.pkl")
+    exported = torch.load(tmp_path / "exported.pkl", weights_only=True)["CheapNet"]
+    TorchCheapNet(8).load_state_dict(exported, strict=True)
+    for key, tensor in original.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(exported[key], tensor), key
+
+
+def _write_state(tmp_path, state, name="bad.pkl"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_missing_key_is_named(tmp_path):
+    state = dict(TorchCheapNet(2).state_dict())
+    del state["decoder3.0.bias"]
+    with pytest.raises(CheckpointError, match=r"missing keys \['decoder3.0.bias'\]"):
+        load_torch_checkpoint(_write_state(tmp_path, {"CheapNet": state}))
+
+
+def test_unexpected_key_is_named(tmp_path):
+    state = dict(TorchCheapNet(2).state_dict())
+    state["head.weight"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['head.weight'\]"):
+        load_torch_checkpoint(_write_state(tmp_path, {"CheapNet": state}))
+
+
+def test_misshaped_key_is_named(tmp_path):
+    state = dict(TorchCheapNet(2).state_dict())
+    state["decoder2.0.weight"] = torch.zeros(2, 1, 3, 3)
+    with pytest.raises(CheckpointError, match=r"decoder2.0.weight has shape \(2, 1, 3, 3\)"):
+        load_torch_checkpoint(_write_state(tmp_path, {"CheapNet": state}))
+
+
+def test_other_pickle_is_not_a_cheapnet(tmp_path):
+    path = _write_state(tmp_path, {"model": {"fc.weight": torch.zeros(2)}})
+    with pytest.raises(CheckpointError, match="not a CheapNet checkpoint"):
+        load_torch_checkpoint(path)
+
+
+def test_corrupt_file_is_reported(tmp_path):
+    path = tmp_path / "corrupt.pkl"
+    path.write_bytes(checkpoint_path(2).read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="corrupt.pkl: not a readable PyTorch checkpoint"):
+        load_torch_checkpoint(path)
+
+
+class _Payload:
+    """An arbitrary object: weights_only loading must refuse to unpickle it."""
+
+
+def test_arbitrary_objects_are_never_unpickled(tmp_path):
+    path = _write_state(tmp_path, {"CheapNet": _Payload()})
+    with pytest.raises(CheckpointError, match="weights_only=True failed"):
+        load_torch_checkpoint(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.pkl"):
+        load_torch_checkpoint(tmp_path / "nothere.pkl")
+
+
+def _cross_framework(features: int, samples_folder) -> None:
+    path = checkpoint_path(features)
+    samples = list_dagm_samples(samples_folder)
+    pairs = [read_sample(sample) for sample in samples]
+    images = np.stack([image for image, _ in pairs])
+    masks = np.stack([mask for _, mask in pairs])
+    x = normalize(images)
+
+    # float64 on both sides: the same function, so the probabilities agree to 1e-8.
+    with jax.enable_x64(True):
+        model, variables = load_torch_checkpoint(path)
+        variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        reference64 = load_reference(path, torch.float64)
+        random_x = np.random.default_rng(features).standard_normal((2, 64, 64, 1))
+        for batch in (random_x, x[:1].astype(np.float64)):
+            got = _flax_probabilities(model, variables64, batch)
+            want = probabilities_nhwc(reference64, batch)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
+    del reference64
+
+    # float32, the precision users run: all 10 samples, one image at a time for large G.
+    model, variables = load_torch_checkpoint(path)
+    reference = load_reference(path)
+    step = 10 if features <= 64 else 1
+    flax_probs, torch_probs = [], []
+    for start in range(0, len(x), step):
+        flax_probs.append(_flax_probabilities(model, variables, x[start : start + step]))
+        torch_probs.append(probabilities_nhwc(reference, x[start : start + step]))
+    flax_probs, torch_probs = np.concatenate(flax_probs), np.concatenate(torch_probs)
+    assert np.max(np.abs(flax_probs - torch_probs)) <= 1e-3
+    disagreeing = np.mean((flax_probs > 0.5) != (torch_probs > 0.5))
+    assert disagreeing <= 1e-5
+
+    figures = segmentation_metrics(counts_from_array(confusion_counts(flax_probs > 0.5, masks)))
+    for name, expected in zip(METRIC_NAMES, REFERENCE_SEGMENTATION[features], strict=True):
+        assert figures[name] == pytest.approx(expected, abs=5e-4), name
+
+
+@pytest.mark.parametrize("features", [g for g in CHECKPOINT_FEATURES if g <= 512])
+def test_checkpoint_reproduces_pytorch_and_reference(features, samples_folder):
+    _cross_framework(features, samples_folder)
+
+
+@pytest.mark.slow
+def test_checkpoint_g1024_reproduces_pytorch_and_reference(samples_folder):
+    _cross_framework(1024, samples_folder)
