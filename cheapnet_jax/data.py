@@ -49,7 +49,9 @@ def list_dagm_samples(folder: str | os.PathLike) -> list[DagmSample]:
     """The samples of a DAGM class folder, in ``Labels.txt`` order; checks that files exist."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder (expected a DAGM class folder such as Class6/Train)")
+        raise DataError(
+            f"{folder}: no such folder (expected a DAGM class folder such as Class6/Train)"
+        )
     labels_file = folder / LABELS_FILE
     if not labels_file.is_file():
         raise DataError(f"{labels_file}: missing: a DAGM class folder needs Label/Labels.txt")

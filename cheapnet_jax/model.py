@@ -66,7 +66,8 @@ def _grouped_pointwise(x: jax.Array, kernel_tap: jax.Array, groups: int) -> jax.
     """One kernel tap of a grouped convolution, as a broadcast multiply and a small sum.
 
     x: [B, H, W, Cin]; kernel_tap: [Cin/groups, Cout] (one spatial tap of an HWIO kernel).
-    Returns [B, H, W, Cout] with out[..., g*r_out + o] = sum_s x[..., g*r_in + s] * k[s, g*r_out + o].
+    Returns [B, H, W, Cout] with
+    out[..., g*r_out + o] = sum_s x[..., g*r_in + s] * k[s, g*r_out + o].
     """
     in_per_group, out_features = kernel_tap.shape
     out_per_group = out_features // groups
@@ -132,7 +133,9 @@ class Conv(nn.Module):
         y = None
         for di in range(k):
             for dj in range(k):
-                window = padded[:, di : di + s * (out_h - 1) + 1 : s, dj : dj + s * (out_w - 1) + 1 : s]
+                rows = slice(di, di + s * (out_h - 1) + 1, s)
+                cols = slice(dj, dj + s * (out_w - 1) + 1, s)
+                window = padded[:, rows, cols]
                 term = _grouped_pointwise(window, kernel[di, dj], self.groups)
                 y = term if y is None else y + term
         return y

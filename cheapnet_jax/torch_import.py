@@ -69,7 +69,8 @@ def _transposed_torch_to_hwio(weight: np.ndarray, groups: int) -> np.ndarray:
     """ConvTranspose2d weight (Cin, Cout/G, k, k) -> HWIO kernel of the equivalent dilated conv."""
     cin, cout_per_group, kh, kw = weight.shape
     per_group = weight.reshape(groups, cin // groups, cout_per_group, kh, kw)
-    oihw = per_group.transpose(0, 2, 1, 3, 4).reshape(groups * cout_per_group, cin // groups, kh, kw)
+    swapped = per_group.transpose(0, 2, 1, 3, 4)
+    oihw = swapped.reshape(groups * cout_per_group, cin // groups, kh, kw)
     return np.ascontiguousarray(oihw[:, :, ::-1, ::-1].transpose(2, 3, 1, 0))
 
 
@@ -150,9 +151,8 @@ def state_dict_to_variables(
             "conv": {"kernel": kernel, "bias": arrays[f"{block}.0.bias"]},
             "bn": {"scale": arrays[f"{block}.1.weight"], "bias": arrays[f"{block}.1.bias"]},
         }
-        batch_stats[block] = {
-            "bn": {"mean": arrays[f"{block}.1.running_mean"], "var": arrays[f"{block}.1.running_var"]}
-        }
+        running = {"mean": f"{block}.1.running_mean", "var": f"{block}.1.running_var"}
+        batch_stats[block] = {"bn": {name: arrays[key] for name, key in running.items()}}
     variables = {"params": params, "batch_stats": batch_stats}
     return jax.tree.map(lambda array: jnp.asarray(array, dtype), variables)
 
@@ -162,10 +162,8 @@ def features_of(variables: Mapping) -> int:
     return int(variables["params"]["encoder1"]["conv"]["kernel"].shape[-1])
 
 
-def load_torch_checkpoint(
-    path: str | os.PathLike, *, impl: Impl = "auto"
-) -> tuple[CheapNet, dict]:
-    """Read an authors' checkpoint: returns ``(CheapNet(features=G), variables)``, G from the file."""
+def load_torch_checkpoint(path: str | os.PathLike, *, impl: Impl = "auto") -> tuple[CheapNet, dict]:
+    """Read an authors' checkpoint as ``(CheapNet(features=G), variables)``, G from the file."""
     variables = state_dict_to_variables(_read_state_dict(path), source=os.fspath(path))
     return CheapNet(features=features_of(variables), impl=impl), variables
 

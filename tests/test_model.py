@@ -96,7 +96,9 @@ def test_conv_matches_torch(impl, in_features, features, kernel_size, stride, gr
 
 
 @pytest.mark.parametrize("impl", ["lax", "fused"])
-@pytest.mark.parametrize(("in_features", "features", "groups"), [(1, 1, 1), (3, 3, 3), (8, 4, 4), (2, 1, 1)])
+@pytest.mark.parametrize(
+    ("in_features", "features", "groups"), [(1, 1, 1), (3, 3, 3), (8, 4, 4), (2, 1, 1)]
+)
 def test_conv_transpose_matches_torch(impl, in_features, features, groups):
     """Compared with torch's ConvTranspose2d(stride 2, padding 1, output_padding 1, groups)."""
     from cheapnet_jax.torch_import import _transposed_torch_to_hwio
@@ -138,7 +140,8 @@ def test_fused_equals_lax_inference_and_gradients(features, height, width, use_j
     (_, logits_lax), grads_lax = grad_fn(variables["params"], "lax")
     (_, logits_fused), grads_fused = grad_fn(variables["params"], "fused")
     np.testing.assert_allclose(logits_fused, logits_lax, rtol=0, atol=1e-9)
-    for g_fused, g_lax in zip(jax.tree.leaves(grads_fused), jax.tree.leaves(grads_lax), strict=True):
+    leaves_fused, leaves_lax = jax.tree.leaves(grads_fused), jax.tree.leaves(grads_lax)
+    for g_fused, g_lax in zip(leaves_fused, leaves_lax, strict=True):
         np.testing.assert_allclose(g_fused, g_lax, rtol=1e-9, atol=1e-9)
 
 

@@ -93,7 +93,7 @@ def test_other_pickle_is_not_a_cheapnet(tmp_path):
 def test_corrupt_file_is_reported(tmp_path):
     path = tmp_path / "corrupt.pkl"
     path.write_bytes(checkpoint_path(2).read_bytes()[:500])
-    with pytest.raises(CheckpointError, match="corrupt.pkl: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"corrupt\.pkl: not a readable PyTorch checkpoint"):
         load_torch_checkpoint(path)
 
 
@@ -108,7 +108,7 @@ def test_arbitrary_objects_are_never_unpickled(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothere.pkl"):
+    with pytest.raises(FileNotFoundError, match=r"nothere\.pkl"):
         load_torch_checkpoint(tmp_path / "nothere.pkl")
 
 
