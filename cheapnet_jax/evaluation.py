@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
-from cheapnet_jax.model import CheapNet
+from cheapnet_jax.model import CheapNet, init_variables
+from cheapnet_jax.synthetic import write_dagm_folder
+from cheapnet_jax.torch_import import load_torch_checkpoint
 
 PAPER_FLOPS_PER_G = 12_686_336
 PAPER_FLOPS_CONSTANT = 1_048_576
@@ -111,5 +116,85 @@ def evaluate_segmentation(
     return {
         **metrics.segmentation_metrics(totals),
         "images": len(samples),
+        "image_size": list(images.shape[1:3]),
         "confusion": totals._asdict(),
     }
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What `evaluate.py` was asked to do (the parsed command line)."""
+
+    checkpoint: str | None = None
+    data_source: str = "synthetic"
+    json_path: str | None = None
+    features: int = 2
+    mean: float = data.CLASS6_MEAN
+    std: float = data.CLASS6_STD
+    threshold: float = 0.5
+    batch_size: int | None = None
+    impl: str = "auto"
+    progress: bool = True
+
+
+def load_model(request: EvaluationRequest) -> tuple[CheapNet, dict, str]:
+    """The model to evaluate and a description of where its weights come from."""
+    if request.checkpoint is None:
+        model = CheapNet(request.features, impl=request.impl)
+        variables = init_variables(model, jax.random.key(0))
+        return model, variables, f"untrained CheapNet(G={request.features}), seed 0"
+    model, variables = load_torch_checkpoint(request.checkpoint, impl=request.impl)
+    return model, variables, request.checkpoint
+
+
+def format_table(figures: Mapping[str, object]) -> str:
+    """The figures as an aligned two-column text table."""
+    rows = [
+        ("params", f"{figures['params']:,}"),
+        ("GFLOPs (XLA, per image)", f"{figures['gflops']:.4f}"),
+        ("GFLOPs (paper, thop)", f"{figures['gflops_paper']:.4f}"),
+        ("images", str(figures["images"])),
+        ("mIoU", f"{figures['miou']:.4f}"),
+        ("IoU background", f"{figures['iou_background']:.4f}"),
+        ("IoU defect", f"{figures['iou_defect']:.4f}"),
+        ("mAcc", f"{figures['macc']:.4f}"),
+        ("pixel accuracy", f"{figures['pixel_acc']:.4f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run_evaluation(request: EvaluationRequest) -> int:
+    """Evaluate, print the table, write JSON if asked; returns the process exit status."""
+    model, variables, source = load_model(request)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = request.data_source
+        if folder == "synthetic":
+            folder = write_dagm_folder(Path(scratch) / "synthetic", count=8, size=128, seed=0)
+        results = evaluate_segmentation(
+            model,
+            variables,
+            folder,
+            normalization=Normalization(request.mean, request.std),
+            threshold=request.threshold,
+            batch_size=request.batch_size,
+            progress=request.progress,
+        )
+    height, width = results.pop("image_size")
+    figures = {
+        "checkpoint": source,
+        "data": str(request.data_source),
+        "features": model.features,
+        "params": count_params(variables),
+        "gflops": xla_gflops(model, variables, height, width),
+        "gflops_paper": paper_gflops(model.features, height, width),
+        "image_size": [height, width],
+        **results,
+    }
+    print(f"CheapNet(G={model.features}) from {source} on {request.data_source}")
+    print(format_table(figures))
+    if request.json_path:
+        Path(request.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(request.json_path).write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {request.json_path}")
+    return 0
