@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make demo   installs everything into .venv and runs the main job on built-in data
+#   make test   installs everything into .venv and runs lint + the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch (checkpoint import and the cross-framework tests). Installed first so
+# that the 'torch' extra's range is already satisfied and pulls no multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[torch,dev]"
+	touch $@
+
+demo: install
+	$(BIN)/python evaluate.py --data synthetic --variant S --no-progress --json out/demo.json
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest

@@ -1,0 +1,101 @@
+"""evaluate.py end to end, and the parameter/GFLOP figures it reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO_ROOT, checkpoint_path
+
+from cheapnet_jax import CheapNet
+from cheapnet_jax.evaluation import paper_gflops, xla_gflops
+from cheapnet_jax.model import init_variables
+
+LEVEL_SCALES = (1, 1 / 4, 1 / 16, 1 / 64, 1 / 256)  # pixels of encoder1..bottleneck / H*W
+
+
+def thop_count_per_pixel(features: int) -> float:
+    """The paper's (thop) count per input pixel, derived from the architecture by hand:
+    conv multiply-adds without bias (transposed conv: outputs * Cin/groups * 9), 4 per BN
+    element, activations free."""
+    g = features
+    encoders = 9 * g * sum(LEVEL_SCALES[:5])  # encoder1 (1 input channel) + 4 depthwise
+    decoder1 = 9 * g / 64  # output at H/8, one input channel per group
+    decoders = 18 * g * (1 / 16 + 1 / 4 + 1)  # two input channels per group
+    output = 2 * g
+    bn_elements = g * (sum(LEVEL_SCALES) + 1 / 64 + 1 / 16 + 1 / 4 + 1) + 1
+    return encoders + decoder1 + decoders + output + 4 * bn_elements
+
+
+@pytest.mark.parametrize("features", [1, 2, 32, 1024])
+def test_paper_gflops_formula_is_the_thop_count(features):
+    by_hand = thop_count_per_pixel(features) * 512 * 512 / 1e9
+    assert paper_gflops(features) == pytest.approx(by_hand, rel=2e-3)
+
+
+def real_multiply_adds_per_pixel(features: int) -> float:
+    """Multiply-adds actually needed: a stride-2 transposed conv touches on average 9/4 taps
+    per output (the others meet the zeros of the dilated input), where thop counts all 9."""
+    g = features
+    transposed = 9 * g / 64 + 18 * g * (1 / 16 + 1 / 4 + 1)
+    return 9 * g * sum(LEVEL_SCALES) + 2 * g + transposed / 4
+
+
+@pytest.mark.parametrize("impl", ["lax", "fused"])
+def test_xla_gflops_counts_every_multiply_add(impl):
+    features, size = 4, 64
+    model = CheapNet(features, impl=impl)
+    flops = xla_gflops(model, init_variables(model, jax_key()), size, size) * 1e9
+    multiply_adds = real_multiply_adds_per_pixel(features) * size * size
+    activations = (features * (sum(LEVEL_SCALES) + 1 / 64 + 1 / 16 + 1 / 4 + 1) + 1) * size**2
+    # XLA counts 2 FLOPs per multiply-add, plus bias, BN, LeakyReLU and sigmoid element-wise.
+    assert 2 * multiply_adds <= flops <= 2 * multiply_adds + 40 * activations
+
+
+def jax_key():
+    import jax
+
+    return jax.random.key(0)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--no-progress", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
+
+
+def test_cli_reproduces_reference_g2(samples_folder, tmp_path):
+    out = tmp_path / "g2.json"
+    result = run_cli(
+        "--checkpoint", str(checkpoint_path(2)), "--data", str(samples_folder), "--json", str(out)
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["params"] == 277
+    assert figures["miou"] == pytest.approx(0.8715, abs=5e-4)
+    assert figures["iou_defect"] == pytest.approx(0.7661, abs=5e-4)
+    assert figures["macc"] == pytest.approx(0.9124, abs=5e-4)
+    assert figures["pixel_acc"] == pytest.approx(0.9786, abs=5e-4)
+    assert figures["gflops_paper"] == pytest.approx(paper_gflops(2))
+    assert "mIoU" in result.stdout and "0.8715" in result.stdout
+
+
+def test_cli_smoke_run_on_synthetic_data(tmp_path):
+    out = tmp_path / "smoke.json"
+    result = run_cli("--variant", "S", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["images"] == 8 and figures["params"] == 277
+    assert 0.0 <= figures["miou"] <= 1.0
+
+
+def test_cli_bad_folder_names_it(tmp_path):
+    result = run_cli("--data", str(tmp_path / "missing"))
+    assert result.returncode != 0
+    assert "missing: no such folder" in result.stderr
