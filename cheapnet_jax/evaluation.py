@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
+from cheapnet_jax.detection import make_detector
+from cheapnet_jax.labeling import component_stats, label_components
 from cheapnet_jax.model import CheapNet, init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
 from cheapnet_jax.torch_import import load_torch_checkpoint
@@ -67,16 +70,6 @@ def default_batch_size(features: int, height: int = 512, width: int = 512) -> in
     return int(max(1, min(16, _ACTIVATION_BUDGET_BYTES // per_image)))
 
 
-def make_probability_fn(model: CheapNet) -> Callable[[Mapping, jax.Array], jax.Array]:
-    """jit-compiled ``(variables, x [B, H, W, 1]) -> sigmoid probabilities [B, H, W]``."""
-
-    @jax.jit
-    def probabilities(variables: Mapping, x: jax.Array) -> jax.Array:
-        return jax.nn.sigmoid(model.apply(variables, x, train=False))[..., 0]
-
-    return probabilities
-
-
 def pad_batch(array: np.ndarray, batch_size: int) -> np.ndarray:
     """Pad axis 0 to ``batch_size`` with zeros, so that every batch has one compiled shape."""
     missing = batch_size - array.shape[0]
@@ -85,7 +78,16 @@ def pad_batch(array: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)])
 
 
-def evaluate_segmentation(
+def _first(batch_tree, count: int):
+    """The first ``count`` examples of every array of a batch, as numpy (drops the padding)."""
+    return jax.tree.map(lambda array: np.asarray(array)[:count], batch_tree)
+
+
+def _boxes(stats: np.ndarray, valid: np.ndarray) -> list[metrics.Box]:
+    return [tuple(int(v) for v in row[:4]) for row in stats[valid]]
+
+
+def evaluate_folder(
     model: CheapNet,
     variables: Mapping,
     folder: str | os.PathLike,
@@ -93,28 +95,62 @@ def evaluate_segmentation(
     normalization: Normalization = Normalization(),
     threshold: float = 0.5,
     batch_size: int | None = None,
+    max_components: int = 256,
     progress: bool = True,
 ) -> dict:
-    """Confusion matrix summed over every image of a DAGM folder (prediction: p > threshold).
+    """Segmentation and detection figures over every image of a DAGM folder.
 
-    Returns the figures of `metrics.segmentation_metrics` plus ``images`` and the raw counts.
+    Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
+    Detection (COCO bbox AP by pycocotools), two protocols: *paper*, one box per image around
+    all predicted pixels with score 1.0 against the box around all label pixels; *component*,
+    one box per 8-connected predicted component scored by its mean probability against one box
+    per 8-connected label component.
     """
     samples = data.list_dagm_samples(folder)
     if batch_size is None:
         batch_size = default_batch_size(model.features)
-    probabilities_of = make_probability_fn(model)
+    detector = make_detector(model, threshold=threshold, max_components=max_components)
+    truth_stats = jax.jit(
+        lambda masks: component_stats(label_components(masks, 8)[0], max_components)
+    )
     totals = metrics.ConfusionCounts(0, 0, 0, 0)
+    paper_truth, paper_found, component_truth, component_found = [], [], [], []
+    overflow = 0
     batches = data.iterate_batches(samples, batch_size)
     total_batches = -(-len(samples) // batch_size)
     for chunk, images, masks in tqdm(
         batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress
     ):
+        n = len(chunk)
         x = pad_batch(data.normalize(images, normalization.mean, normalization.std), batch_size)
-        probs = np.asarray(probabilities_of(variables, jnp.asarray(x)))[: len(chunk)]
-        counts = metrics.confusion_counts(probs > threshold, masks)
-        totals = totals + metrics.counts_from_array(counts)
+        found = _first(detector(variables, jnp.asarray(x)), n)
+        truth = _first(truth_stats(pad_batch(masks, batch_size)), n)
+        totals = totals + metrics.counts_from_array(metrics.confusion_counts(found.masks, masks))
+        overflow += int(found.overflow.sum()) + int(truth.overflow.sum())
+        for i in range(n):
+            truth_box = metrics.mask_bounding_box(masks[i])
+            found_box = metrics.mask_bounding_box(found.masks[i])
+            paper_truth.append([truth_box] if truth_box else [])
+            paper_found.append([(found_box, 1.0)] if found_box else [])
+            component_truth.append(_boxes(truth.stats[i], truth.valid[i]))
+            boxes = _boxes(found.stats[i], found.valid[i])
+            component_found.append(list(zip(boxes, found.scores[i][found.valid[i]], strict=True)))
+    if overflow:
+        warnings.warn(
+            f"{overflow} components did not fit in max_components={max_components} and were "
+            "left out of the component mAP: raise max_components",
+            stacklevel=2,
+        )
+    paper = metrics.coco_box_ap(paper_truth, paper_found)
+    component = metrics.coco_box_ap(component_truth, component_found)
     return {
         **metrics.segmentation_metrics(totals),
+        "map_paper": paper["map"],
+        "ap50_paper": paper["ap50"],
+        "map_component": component["map"],
+        "ap50_component": component["ap50"],
+        "predicted_components": sum(len(found) for found in component_found),
+        "components_left_out": overflow,
         "images": len(samples),
         "image_size": list(images.shape[1:3]),
         "confusion": totals._asdict(),
@@ -159,6 +195,11 @@ def format_table(figures: Mapping[str, object]) -> str:
         ("IoU defect", f"{figures['iou_defect']:.4f}"),
         ("mAcc", f"{figures['macc']:.4f}"),
         ("pixel accuracy", f"{figures['pixel_acc']:.4f}"),
+        ("mAP (paper protocol)", f"{figures['map_paper']:.4f}"),
+        ("AP50 (paper protocol)", f"{figures['ap50_paper']:.4f}"),
+        ("mAP (components)", f"{figures['map_component']:.4f}"),
+        ("AP50 (components)", f"{figures['ap50_component']:.4f}"),
+        ("predicted components", str(figures["predicted_components"])),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -171,7 +212,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
         folder = request.data_source
         if folder == "synthetic":
             folder = write_dagm_folder(Path(scratch) / "synthetic", count=8, size=128, seed=0)
-        results = evaluate_segmentation(
+        results = evaluate_folder(
             model,
             variables,
             folder,

@@ -8,6 +8,8 @@ and pixel accuracy.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -68,3 +70,68 @@ def segmentation_metrics(counts: ConfusionCounts) -> dict[str, float]:
         "macc": (recall_background + recall_defect) / 2,
         "pixel_acc": _ratio(tp + tn, tp + fp + fn + tn),
     }
+
+
+Box = tuple[int, int, int, int]
+"""``(x1, y1, x2, y2)`` with inclusive corners, in pixels."""
+
+
+def coco_xywh(box: Box) -> list[int]:
+    """Inclusive corners -> COCO ``[x, y, w, h]`` with ``w = x2 - x1 + 1``."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return [x1, y1, x2 - x1 + 1, y2 - y1 + 1]
+
+
+def mask_bounding_box(mask: np.ndarray) -> Box | None:
+    """The box around every true pixel of a 2-d mask, or None when it has none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def coco_box_ap(
+    ground_truth: list[list[Box]], detections: list[list[tuple[Box, float]]]
+) -> dict[str, float]:
+    """COCO bbox mAP (IoU .50:.95) and AP50 for one class, by pycocotools.
+
+    ``ground_truth[i]`` are the boxes of image i; ``detections[i]`` its (box, score) pairs.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(ground_truth) != len(detections):
+        raise ValueError("ground_truth and detections must list the same images")
+    images = [{"id": i + 1, "width": 1, "height": 1} for i in range(len(ground_truth))]
+    annotations = []
+    for image_id, boxes in enumerate(ground_truth, start=1):
+        for box in boxes:
+            xywh = coco_xywh(box)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": xywh,
+                    "area": xywh[2] * xywh[3],
+                    "iscrowd": 0,
+                }
+            )
+    results = [
+        {"image_id": image_id, "category_id": 1, "bbox": coco_xywh(box), "score": float(score)}
+        for image_id, pairs in enumerate(detections, start=1)
+        for box, score in pairs
+    ]
+    if not annotations:
+        return {"map": float("nan"), "ap50": float("nan")}
+    if not results:
+        return {"map": 0.0, "ap50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        truth = COCO()
+        truth.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1}]}
+        truth.createIndex()
+        evaluator = COCOeval(truth, truth.loadRes(results), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"map": float(evaluator.stats[0]), "ap50": float(evaluator.stats[1])}

@@ -1,0 +1,87 @@
+"""Images -> probabilities -> mask -> defects ``[x1, y1, x2, y2, area]``, in one jitted program."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cheapnet_jax.labeling import Method, component_stats, label_components
+from cheapnet_jax.model import CheapNet
+
+
+class Detections(NamedTuple):
+    """Detector output for a batch; K = max_components.
+
+    probabilities: float [B, H, W]; masks: bool [B, H, W] (probability > threshold);
+    labels: int32 [B, H, W] (0 background, 1..n raster order); stats: int32 [B, K, 5] rows
+    ``[x1, y1, x2, y2, area]`` with inclusive corners; scores: float [B, K], the mean
+    probability inside each component; valid: bool [B, K] (a component exists and its area is
+    >= min_area); overflow: int32 [B], components beyond K that are not in ``stats``.
+    """
+
+    probabilities: jax.Array
+    masks: jax.Array
+    labels: jax.Array
+    stats: jax.Array
+    scores: jax.Array
+    valid: jax.Array
+    overflow: jax.Array
+
+
+def detections_from_probabilities(
+    probabilities: jax.Array,
+    *,
+    threshold: float = 0.5,
+    max_components: int = 256,
+    min_area: int = 0,
+    connectivity: int = 8,
+    method: Method = "auto",
+) -> Detections:
+    """Threshold, label and measure the components of probability maps ``[B, H, W]``."""
+    masks = probabilities > threshold
+    labels, _ = label_components(masks, connectivity, method=method)
+    stats, valid, overflow = component_stats(labels, max_components)
+    area = stats[..., 4]
+
+    def probability_sums(label_image, probability_image):
+        ids = jnp.where(label_image > max_components, 0, label_image).reshape(-1)
+        return jax.ops.segment_sum(probability_image.reshape(-1), ids, max_components + 1)[1:]
+
+    sums = jax.vmap(probability_sums)(labels, probabilities)
+    scores = jnp.where(valid, sums / jnp.maximum(area, 1).astype(sums.dtype), 0)
+    valid = valid & (area >= min_area)
+    return Detections(probabilities, masks, labels, stats, scores, valid, overflow)
+
+
+def make_detector(
+    model: CheapNet,
+    *,
+    threshold: float = 0.5,
+    max_components: int = 256,
+    min_area: int = 0,
+    connectivity: int = 8,
+    method: Method = "auto",
+) -> Callable[[Mapping, jax.Array], Detections]:
+    """A jitted ``(variables, x [B, H, W, 1] normalised) -> Detections``."""
+
+    @jax.jit
+    def detector(variables: Mapping, x: jax.Array) -> Detections:
+        probabilities = jax.nn.sigmoid(model.apply(variables, x, train=False))[..., 0]
+        return detections_from_probabilities(
+            probabilities,
+            threshold=threshold,
+            max_components=max_components,
+            min_area=min_area,
+            connectivity=connectivity,
+            method=method,
+        )
+
+    return detector
+
+
+def detect(model: CheapNet, variables: Mapping, x: jax.Array, **options) -> Detections:
+    """One-off detection; for repeated calls keep the function of `make_detector`."""
+    return make_detector(model, **options)(variables, x)
