@@ -7,7 +7,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -16,8 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
-from cheapnet_jax.detection import make_detector
-from cheapnet_jax.labeling import component_stats, label_components
+from cheapnet_jax.detection import Detections, make_detector
+from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
 from cheapnet_jax.model import CheapNet, init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
 from cheapnet_jax.torch_import import load_torch_checkpoint
@@ -87,6 +87,68 @@ def _boxes(stats: np.ndarray, valid: np.ndarray) -> list[metrics.Box]:
     return [tuple(int(v) for v in row[:4]) for row in stats[valid]]
 
 
+def ground_truth_components(masks: jax.Array, max_components: int) -> ComponentStats:
+    """Boxes of the 8-connected components of label masks ``[B, H, W]``."""
+    return component_stats(label_components(masks, 8)[0], max_components)
+
+
+@dataclass
+class Tally:
+    """Running totals of an evaluation: confusion counts and the boxes of both mAP protocols.
+
+    Detection (COCO bbox AP by pycocotools), two protocols: *paper*, one box per image around
+    all predicted pixels with score 1.0 against the box around all label pixels; *component*,
+    one box per 8-connected predicted component scored by its mean probability against one box
+    per 8-connected label component.
+    """
+
+    counts: metrics.ConfusionCounts = field(
+        default_factory=lambda: metrics.ConfusionCounts(0, 0, 0, 0)
+    )
+    paper_truth: list = field(default_factory=list)
+    paper_found: list = field(default_factory=list)
+    component_truth: list = field(default_factory=list)
+    component_found: list = field(default_factory=list)
+    left_out: int = 0
+
+    def add(self, found: Detections, truth: ComponentStats, masks: np.ndarray) -> None:
+        """Add a batch (numpy arrays, padding removed): detections, label components, labels."""
+        self.counts = self.counts + metrics.counts_from_array(
+            metrics.confusion_counts(found.masks, masks)
+        )
+        self.left_out += int(found.overflow.sum()) + int(truth.overflow.sum())
+        for i, mask in enumerate(masks):
+            truth_box = metrics.mask_bounding_box(mask)
+            found_box = metrics.mask_bounding_box(found.masks[i])
+            self.paper_truth.append([truth_box] if truth_box else [])
+            self.paper_found.append([(found_box, 1.0)] if found_box else [])
+            self.component_truth.append(_boxes(truth.stats[i], truth.valid[i]))
+            boxes = _boxes(found.stats[i], found.valid[i])
+            scores = found.scores[i][found.valid[i]]
+            self.component_found.append(list(zip(boxes, scores, strict=True)))
+
+    def figures(self) -> dict:
+        """Segmentation metrics, both mAPs and the number of predicted components."""
+        if self.left_out:
+            warnings.warn(
+                f"{self.left_out} components did not fit in max_components and were left out "
+                "of the component mAP: raise max_components",
+                stacklevel=2,
+            )
+        paper = metrics.coco_box_ap(self.paper_truth, self.paper_found)
+        component = metrics.coco_box_ap(self.component_truth, self.component_found)
+        return {
+            **metrics.segmentation_metrics(self.counts),
+            "map_paper": paper["map"],
+            "ap50_paper": paper["ap50"],
+            "map_component": component["map"],
+            "ap50_component": component["ap50"],
+            "predicted_components": sum(len(found) for found in self.component_found),
+            "components_left_out": self.left_out,
+            "confusion": self.counts._asdict(),
+        }
+
+
 def evaluate_folder(
     model: CheapNet,
     variables: Mapping,
@@ -98,24 +160,16 @@ def evaluate_folder(
     max_components: int = 256,
     progress: bool = True,
 ) -> dict:
-    """Segmentation and detection figures over every image of a DAGM folder.
+    """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder.
 
     Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
-    Detection (COCO bbox AP by pycocotools), two protocols: *paper*, one box per image around
-    all predicted pixels with score 1.0 against the box around all label pixels; *component*,
-    one box per 8-connected predicted component scored by its mean probability against one box
-    per 8-connected label component.
     """
     samples = data.list_dagm_samples(folder)
     if batch_size is None:
         batch_size = default_batch_size(model.features)
     detector = make_detector(model, threshold=threshold, max_components=max_components)
-    truth_stats = jax.jit(
-        lambda masks: component_stats(label_components(masks, 8)[0], max_components)
-    )
-    totals = metrics.ConfusionCounts(0, 0, 0, 0)
-    paper_truth, paper_found, component_truth, component_found = [], [], [], []
-    overflow = 0
+    truth_of = jax.jit(lambda masks: ground_truth_components(masks, max_components))
+    tally = Tally()
     batches = data.iterate_batches(samples, batch_size)
     total_batches = -(-len(samples) // batch_size)
     for chunk, images, masks in tqdm(
@@ -124,37 +178,8 @@ def evaluate_folder(
         n = len(chunk)
         x = pad_batch(data.normalize(images, normalization.mean, normalization.std), batch_size)
         found = _first(detector(variables, jnp.asarray(x)), n)
-        truth = _first(truth_stats(pad_batch(masks, batch_size)), n)
-        totals = totals + metrics.counts_from_array(metrics.confusion_counts(found.masks, masks))
-        overflow += int(found.overflow.sum()) + int(truth.overflow.sum())
-        for i in range(n):
-            truth_box = metrics.mask_bounding_box(masks[i])
-            found_box = metrics.mask_bounding_box(found.masks[i])
-            paper_truth.append([truth_box] if truth_box else [])
-            paper_found.append([(found_box, 1.0)] if found_box else [])
-            component_truth.append(_boxes(truth.stats[i], truth.valid[i]))
-            boxes = _boxes(found.stats[i], found.valid[i])
-            component_found.append(list(zip(boxes, found.scores[i][found.valid[i]], strict=True)))
-    if overflow:
-        warnings.warn(
-            f"{overflow} components did not fit in max_components={max_components} and were "
-            "left out of the component mAP: raise max_components",
-            stacklevel=2,
-        )
-    paper = metrics.coco_box_ap(paper_truth, paper_found)
-    component = metrics.coco_box_ap(component_truth, component_found)
-    return {
-        **metrics.segmentation_metrics(totals),
-        "map_paper": paper["map"],
-        "ap50_paper": paper["ap50"],
-        "map_component": component["map"],
-        "ap50_component": component["ap50"],
-        "predicted_components": sum(len(found) for found in component_found),
-        "components_left_out": overflow,
-        "images": len(samples),
-        "image_size": list(images.shape[1:3]),
-        "confusion": totals._asdict(),
-    }
+        tally.add(found, _first(truth_of(pad_batch(masks, batch_size)), n), masks)
+    return {**tally.figures(), "images": len(samples), "image_size": list(images.shape[1:3])}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""The detector against scipy.ndimage, and COCO mAP on cases whose answer is known by hand."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cheapnet_jax import CheapNet
+from cheapnet_jax.detection import detect, detections_from_probabilities
+from cheapnet_jax.metrics import coco_box_ap, coco_xywh, mask_bounding_box
+from cheapnet_jax.model import init_variables
+
+
+@pytest.mark.parametrize("method", ["union_find", "scipy"])
+def test_components_scores_and_boxes_match_scipy(method):
+    rng = np.random.default_rng(5)
+    smooth = ndimage.gaussian_filter(rng.standard_normal((2, 48, 64)), (0, 2, 2))
+    probabilities = 1 / (1 + np.exp(-8 * smooth))
+    found = jax.jit(lambda p: detections_from_probabilities(p, max_components=64, method=method))(
+        jnp.asarray(probabilities)
+    )
+    for i in range(2):
+        labels, count = ndimage.label(probabilities[i] > 0.5, np.ones((3, 3)))
+        assert count > 3 and int(found.valid[i].sum()) == count
+        np.testing.assert_array_equal(np.asarray(found.labels[i]), labels)
+        index = np.arange(1, count + 1)
+        means = ndimage.mean(probabilities[i], labels, index)
+        np.testing.assert_allclose(np.asarray(found.scores[i, :count]), means, rtol=1e-5)
+        for k, (rows, cols) in enumerate(ndimage.find_objects(labels)):
+            assert found.stats[i, k, :4].tolist() == [
+                cols.start,
+                rows.start,
+                cols.stop - 1,
+                rows.stop - 1,
+            ]
+
+
+def test_min_area_drops_specks():
+    probabilities = np.zeros((1, 32, 32), np.float32)
+    probabilities[0, 2, 2] = 0.9  # a 1-pixel speck
+    probabilities[0, 10:14, 10:15] = 0.8  # a 20-pixel defect
+    found = detections_from_probabilities(jnp.asarray(probabilities), min_area=5)
+    kept = np.asarray(found.stats[0][np.asarray(found.valid[0])])
+    assert kept.tolist() == [[10, 10, 14, 13, 20]]
+    np.testing.assert_allclose(float(found.scores[0, 1]), 0.8, rtol=1e-6)
+
+
+def test_detect_runs_the_network_in_one_program():
+    model = CheapNet(2)
+    variables = init_variables(model, jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 1)), jnp.float32)
+    found = detect(model, variables, x, threshold=0.5, max_components=16)
+    expected = jax.nn.sigmoid(model.apply(variables, x))[..., 0]
+    np.testing.assert_allclose(np.asarray(found.probabilities), np.asarray(expected), rtol=1e-6)
+    assert found.stats.shape == (2, 16, 5) and found.labels.shape == (2, 32, 32)
+
+
+def test_coco_box_conventions():
+    assert coco_xywh((3, 4, 3, 9)) == [3, 4, 1, 6]
+    mask = np.zeros((10, 12), bool)
+    mask[2, 5] = mask[7, 1] = True
+    assert mask_bounding_box(mask) == (1, 2, 5, 7)
+    assert mask_bounding_box(np.zeros((4, 4), bool)) is None
+
+
+def test_coco_ap_perfect_and_empty():
+    truth = [[(0, 0, 9, 9)], [(5, 5, 20, 30), (40, 40, 41, 41)]]
+    perfect = [[(box, 1.0) for box in boxes] for boxes in truth]
+    assert coco_box_ap(truth, perfect) == pytest.approx({"map": 1.0, "ap50": 1.0})
+    assert coco_box_ap(truth, [[], []]) == {"map": 0.0, "ap50": 0.0}
+
+
+def test_coco_ap_known_iou():
+    """A 16x16 box found as 16x13 (IoU 0.8125) counts at the IoU thresholds .50 .. .80, i.e.
+    7 of the 10 thresholds: mAP 0.7, AP50 1."""
+    result = coco_box_ap([[(0, 0, 15, 15)]], [[((0, 0, 15, 12), 0.9)]])
+    assert result["map"] == pytest.approx(0.7) and result["ap50"] == pytest.approx(1.0)
+
+
+def test_coco_ap_ranks_by_score():
+    """Two images, one right and one wrong detection: the wrong one scored higher halves the
+    precision: AP50 computed by hand with 101-point interpolation."""
+    truth = [[(0, 0, 9, 9)], [(0, 0, 9, 9)]]
+    found = [[((0, 0, 9, 9), 0.4)], [((50, 50, 59, 59), 0.9)]]
+    # Ranked: a false positive (0.9), then a true positive (0.4): recall 0.5 at precision 0.5,
+    # recall 1 never reached. Interpolated precision is 0.5 for recall 0..0.5, 0 above: 51/101.
+    assert coco_box_ap(truth, found)["ap50"] == pytest.approx(0.5 * 51 / 101)
