@@ -43,7 +43,7 @@ def detections_from_probabilities(
     """Threshold, label and measure the components of probability maps ``[B, H, W]``."""
     masks = probabilities > threshold
     labels, _ = label_components(masks, connectivity, method=method)
-    stats, valid, overflow = component_stats(labels, max_components)
+    stats, valid, overflow = component_stats(labels, max_components, method=method)
     area = stats[..., 4]
 
     def probability_sums(label_image, probability_image):

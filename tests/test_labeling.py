@@ -8,86 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from mask_shapes import shapes
 from scipy import ndimage
 
 from cheapnet_jax.labeling import component_stats, label_components, union_find_labels
 
 STRUCTURES = {4: None, 8: np.ones((3, 3), bool)}
-
-
-def spiral(size: int) -> np.ndarray:
-    """A one-pixel-wide square spiral with one-pixel gaps: a single, very long path."""
-    mask = np.zeros((size, size), bool)
-    directions = [(0, 1), (1, 0), (0, -1), (-1, 0)]
-    row, col, heading = 0, 0, 0
-    mask[row, col] = True
-
-    def free(r: int, c: int) -> bool:
-        return 0 <= r < size and 0 <= c < size and not mask[r, c]
-
-    def blocked_ahead(r: int, c: int) -> bool:
-        return 0 <= r < size and 0 <= c < size and mask[r, c]
-
-    while True:
-        for _ in range(2):  # go straight, or turn clockwise once
-            dr, dc = directions[heading]
-            if free(row + dr, col + dc) and not blocked_ahead(row + 2 * dr, col + 2 * dc):
-                row, col = row + dr, col + dc
-                mask[row, col] = True
-                break
-            heading = (heading + 1) % 4
-        else:
-            return mask
-
-
-def serpentine(height: int, width: int) -> np.ndarray:
-    mask = np.zeros((height, width), bool)
-    mask[::2] = True
-    for row in range(1, height, 2):
-        mask[row, width - 1 if (row // 2) % 2 == 0 else 0] = True
-    return mask
-
-
-def comb(height: int, width: int) -> np.ndarray:
-    mask = np.zeros((height, width), bool)
-    mask[-1] = True
-    mask[:, ::2] = True
-    return mask
-
-
-def staircase(size: int) -> np.ndarray:
-    """A two-pixel-thick anti-diagonal band: every row's run starts further left."""
-    lower = np.tril(np.ones((size, size), bool))
-    return (lower & ~np.tril(np.ones((size, size), bool), -2))[:, ::-1]
-
-
-def shapes() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    checker = (np.add.outer(np.arange(32), np.arange(32)) % 2).astype(bool)
-    diagonal = np.eye(40, dtype=bool) | np.fliplr(np.eye(40, dtype=bool))
-    border = np.zeros((17, 23), bool)
-    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
-    border[5:9, 5:9] = True
-    found = {
-        "spiral": spiral(64),
-        "serpentine": serpentine(63, 50),
-        "comb": comb(40, 61),
-        "reverse_comb": comb(40, 61)[::-1],
-        "checkerboard": checker,
-        "diagonals": diagonal,
-        "staircase": np.tril(np.ones((48, 48), bool))[:, ::-1]
-        & ~np.tril(np.ones((48, 48), bool), -2)[:, ::-1],
-        "border": border,
-        "empty": np.zeros((16, 16), bool),
-        "full": np.ones((16, 16), bool),
-        "one_pixel": np.ones((1, 1), bool),
-        "one_row": rng.random((1, 37)) < 0.5,
-        "one_column": rng.random((29, 1)) < 0.5,
-        "odd": rng.random((31, 45)) < 0.4,
-    }
-    for density in (0.05, 0.2, 0.4, 0.59, 0.7):
-        found[f"noise_{density}"] = rng.random((64, 64)) < density
-    return found
 
 
 SHAPES = shapes()
@@ -148,11 +74,14 @@ def test_random_small_masks(mask, connectivity):
     assert int(counts[0]) == count
 
 
+@pytest.mark.parametrize("method", ["union_find", "scipy"])
 @pytest.mark.parametrize("name", ["noise_0.2", "comb", "border", "odd", "empty", "one_row"])
-def test_component_stats_equal_find_objects(name):
+def test_component_stats_equal_find_objects(name, method):
     mask = SHAPES[name]
     labels, count = ndimage.label(mask, structure=STRUCTURES[8])
-    stats, valid, overflow = component_stats(labels[None].astype(np.int32), max_components=1000)
+    stats, valid, overflow = jax.jit(
+        lambda lab: component_stats(lab, max_components=1000, method=method)
+    )(labels[None].astype(np.int32))
     assert int(valid[0].sum()) == count and int(overflow[0]) == 0
     areas = ndimage.sum_labels(np.ones_like(labels), labels, np.arange(1, count + 1))
     for k, (rows, cols) in enumerate(ndimage.find_objects(labels)):
@@ -160,8 +89,11 @@ def test_component_stats_equal_find_objects(name):
         assert stats[0, k].tolist() == expected
 
 
-def test_component_stats_reports_overflow():
+@pytest.mark.parametrize("method", ["union_find", "scipy"])
+def test_component_stats_reports_overflow(method):
     labels, count = ndimage.label(SHAPES["noise_0.05"])
-    result = component_stats(labels[None].astype(np.int32), max_components=10)
+    result = component_stats(labels[None].astype(np.int32), max_components=10, method=method)
     assert bool(result.valid[0].all()) and int(result.overflow[0]) == count - 10
     assert result.stats.shape == (1, 10, 5)
+    expected = component_stats(labels[None].astype(np.int32), max_components=1000)
+    np.testing.assert_array_equal(np.asarray(result.stats[0]), np.asarray(expected.stats[0, :10]))

@@ -1,0 +1,99 @@
+"""Timing harness shared by `evaluate.py --jit-bench` and `benchmarks/`.
+
+Every measurement blocks on the result (`jax.block_until_ready`) and reports the median of
+many runs after a warm-up, with the spread; compile time is measured apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: median, fastest and slowest of ``runs`` timed calls."""
+
+    median_s: float
+    min_s: float
+    max_s: float
+    runs: int
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 2, runs: int = 10) -> Timing:
+    """Time ``fn()`` (its result blocked on) ``runs`` times after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        seconds.append(time.perf_counter() - start)
+    return Timing(statistics.median(seconds), min(seconds), max(seconds), runs)
+
+
+def time_compile(jitted: Callable, *args) -> float:
+    """Seconds to lower and compile ``jitted`` for ``args`` (nothing runs)."""
+    start = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - start
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_description() -> dict:
+    """What the figures were measured on."""
+    device = jax.devices()[0]
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Rows of dicts as an aligned Markdown table (floats with 4 significant digits)."""
+
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    cells = [[cell(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike, rows: Sequence[dict], **extra) -> None:
+    """Write ``{"machine": ..., "rows": rows, **extra}``, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine_description(), **extra, "rows": list(rows)}
+    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
