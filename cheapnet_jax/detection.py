@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cheapnet_jax.labeling import Method, component_stats, label_components
-from cheapnet_jax.model import CheapNet
+from cheapnet_jax.model import CheapNet, inference_logits
 
 
 class Detections(NamedTuple):
@@ -69,7 +69,7 @@ def make_detector(
 
     @jax.jit
     def detector(variables: Mapping, x: jax.Array) -> Detections:
-        probabilities = jax.nn.sigmoid(model.apply(variables, x, train=False))[..., 0]
+        probabilities = jax.nn.sigmoid(inference_logits(model, variables, x))[..., 0]
         return detections_from_probabilities(
             probabilities,
             threshold=threshold,

@@ -344,3 +344,16 @@ def init_variables(model: CheapNet, rng: jax.Array, image_size: int = 16) -> dic
     """Fresh variables (``params`` and ``batch_stats``) for ``model``."""
     dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
     return dict(model.init(rng, dummy, train=False))
+
+
+def inference_logits(model: CheapNet, variables: dict, x: jax.Array) -> jax.Array:
+    """Inference-mode logits of a batch ``[B, H, W, 1]``, fastest form per backend.
+
+    On the CPU the images go through the network one at a time inside the compiled program
+    (`lax.map`): XLA:CPU then reuses one image's temporary buffers instead of faulting in
+    fresh pages for the whole batch, about 2.4x faster for G=32 at batch 8 on 2 cores.
+    Accelerators run the batch at once. Inference BatchNorm is per image, so both are equal.
+    """
+    if jax.default_backend() != "cpu" or x.shape[0] == 1:
+        return model.apply(variables, x, train=False)
+    return lax.map(lambda image: model.apply(variables, image[None], train=False)[0], x)

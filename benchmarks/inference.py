@@ -1,0 +1,143 @@
+"""CheapNet inference side by side: JAX (fused and lax paths) vs PyTorch eager vs ONNX Runtime.
+
+    .venv/bin/python benchmarks/inference.py [--features 2,32] [--batch-sizes 1,8] \
+        [--rounds 20] [--json out/inference.json]
+
+All frameworks run the same weights (the authors' checkpoints from ../shared when present,
+else random ones) on 512x512 float32 input, in one process, interleaved: each round times one
+call of every framework in turn, so that machine noise hits all of them alike. Reports the
+median images/s and ratios. Needs the extras `torch` and ONNX Runtime (`onnxruntime`, `onnx`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the independent PyTorch CheapNet of the tests
+
+import torch  # noqa: E402
+from torch_reference import TorchCheapNet  # noqa: E402
+
+from cheapnet_jax import CheapNet  # noqa: E402
+from cheapnet_jax.bench import format_table, write_json  # noqa: E402
+from cheapnet_jax.model import inference_logits  # noqa: E402
+from cheapnet_jax.torch_import import state_dict_to_variables  # noqa: E402
+
+CHECKPOINTS = ROOT.parent / "shared" / "torch-checkpoints"
+SIZE = 512
+
+
+def torch_model(features: int) -> TorchCheapNet:
+    model = TorchCheapNet(features)
+    path = CHECKPOINTS / f"CheapNet_G{features}.pkl"
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)["CheapNet"]
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def onnx_session(model: TorchCheapNet):
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    example = torch.zeros(1, 1, SIZE, SIZE)
+    torch.onnx.export(
+        model,
+        (example,),
+        buffer,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(buffer.getvalue(), options, ["CPUExecutionProvider"])
+
+
+def runners(features: int, batch: int) -> dict:
+    reference = torch_model(features)
+    variables = state_dict_to_variables(reference.state_dict())
+    x = np.random.default_rng(0).standard_normal((batch, SIZE, SIZE, 1)).astype(np.float32)
+    x_jax = jnp.asarray(x)
+    x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    x_torch = torch.from_numpy(x_nchw)
+    found = {}
+    for impl in ("fused", "lax"):
+        model = CheapNet(features, impl=impl)
+        fn = jax.jit(
+            lambda v, batch, model=model: jax.nn.sigmoid(inference_logits(model, v, batch))
+        )
+        found[f"jax {impl}"] = lambda fn=fn: fn(variables, x_jax).block_until_ready()
+
+    def torch_run():
+        with torch.inference_mode():
+            return torch.sigmoid(reference(x_torch))
+
+    found["pytorch eager"] = torch_run
+    try:
+        session = onnx_session(reference)
+        found["onnxruntime"] = lambda: session.run(None, {"x": x_nchw})
+    except ImportError as err:
+        print(f"ONNX Runtime skipped: {err}", file=sys.stderr)
+    return found
+
+
+def measure(features: int, batch: int, rounds: int) -> dict:
+    candidates = runners(features, batch)
+    if features >= 32 and batch > 1:
+        candidates.pop("jax lax")  # the reference path takes about 0.7 s per image there
+    for run in candidates.values():  # compile / warm up
+        run()
+        run()
+    seconds = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    row = {"G": features, "batch": batch}
+    for name, values in seconds.items():
+        row[f"{name} img/s"] = batch / statistics.median(values)
+    jax_rate = row["jax fused img/s"]
+    row["jax / pytorch"] = jax_rate / row["pytorch eager img/s"]
+    if "onnxruntime img/s" in row:
+        row["jax / onnxruntime"] = jax_rate / row["onnxruntime img/s"]
+    return row
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--features", default="2,32")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--json", default="out/inference.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for features in (int(g) for g in args.features.split(",")):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            rows.append(measure(features, batch, args.rounds))
+            print(f"G={features} batch={batch}: done", file=sys.stderr)
+    columns = sorted(
+        {key for row in rows for key in row}, key=lambda k: (k not in ("G", "batch"), k)
+    )
+    print(
+        f"CheapNet {SIZE}x{SIZE} float32 inference (sigmoid included), median of interleaved runs"
+    )
+    print(format_table(rows, columns))
+    write_json(args.json, rows, torch_threads=torch.get_num_threads(), rounds=args.rounds)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
