@@ -28,8 +28,14 @@ def parse_args(argv: list[str]) -> EvaluationRequest:
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--variant", choices=sorted(VARIANTS), default="S")
     width.add_argument("--features", type=int, help="width G (overrides --variant)")
-    parser.add_argument("--mean", type=float, default=0.348, help="normalisation mean of pixel/255")
-    parser.add_argument("--std", type=float, default=0.278, help="normalisation std of pixel/255")
+    parser.add_argument(
+        "--mean",
+        type=float,
+        help="normalisation mean of pixel/255 (default: the checkpoint's, "
+        "else the authors' Class-6 0.348)",
+    )
+    parser.add_argument("--std", type=float, help="normalisation std (default: likewise, 0.278)")
+    parser.add_argument("--image-size", type=int, help="synthetic data: image size")
     parser.add_argument("--threshold", type=float, default=0.5, help="defect if probability > this")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: by G)")
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
@@ -45,6 +51,7 @@ def parse_args(argv: list[str]) -> EvaluationRequest:
         threshold=args.threshold,
         batch_size=args.batch_size,
         impl=args.impl,
+        image_size=args.image_size,
         progress=not args.no_progress,
     )
 

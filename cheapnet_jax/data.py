@@ -162,3 +162,56 @@ def iterate_batches(
                 f"{', '.join(str(s.image_path) for s in chunk)}; use --batch-size 1"
             )
         yield chunk, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def paper_split(
+    root: str | os.PathLike, classes: list[int], seed: int = 0, train_fraction: float = 0.8
+) -> dict[str, list[DagmSample]]:
+    """The paper's protocol: each class's defective images (its Train and Test folders), split
+    ``train_fraction`` / rest into train / validation by a fixed seed, per class."""
+    root = Path(root)
+    splits: dict[str, list[DagmSample]] = {"train": [], "validation": []}
+    for class_id in classes:
+        folders = [root / f"Class{class_id}" / part for part in ("Train", "Test")]
+        present = [folder for folder in folders if folder.is_dir()]
+        if not present:
+            raise DataError(
+                f"{root / f'Class{class_id}'}: missing: put the DAGM 2007 download there "
+                "(Class1..Class10, each with Train/ and Test/)"
+            )
+        defective = [s for f in present for s in list_dagm_samples(f) if s.label_path is not None]
+        if not defective:
+            raise DataError(f"{root / f'Class{class_id}'}: no defective images listed")
+        defective.sort(key=lambda sample: str(sample.image_path))
+        order = np.random.default_rng([seed, class_id]).permutation(len(defective))
+        cut = round(train_fraction * len(defective))
+        splits["train"] += [defective[i] for i in order[:cut]]
+        splits["validation"] += [defective[i] for i in order[cut:]]
+    return splits
+
+
+def load_samples(samples: list[DagmSample]) -> tuple[np.ndarray, np.ndarray]:
+    """All images and masks of ``samples`` in memory: uint8 [N, H, W] and bool [N, H, W]."""
+    pairs = [read_sample(sample) for sample in samples]
+    shapes = {image.shape for image, _ in pairs}
+    if len(shapes) != 1:
+        raise DataError(f"images of several sizes {sorted(shapes)}: training needs one size")
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def normalization_statistics(images: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of pixel/255 over uint8 images (float64 accumulation)."""
+    scaled = images.astype(np.float64) / 255.0
+    return float(scaled.mean()), float(scaled.std())
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+def shard_batch(batch: np.ndarray, devices: int) -> np.ndarray:
+    """``[global_batch, ...]`` -> ``[devices, global_batch / devices, ...]`` for pmap."""
+    if batch.shape[0] % devices:
+        raise ValueError(f"a batch of {batch.shape[0]} does not split over {devices} devices")
+    return batch.reshape(devices, batch.shape[0] // devices, *batch.shape[1:])

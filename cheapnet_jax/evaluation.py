@@ -21,6 +21,7 @@ from cheapnet_jax.labeling import ComponentStats, component_stats, label_compone
 from cheapnet_jax.model import CheapNet, init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
 from cheapnet_jax.torch_import import load_torch_checkpoint
+from cheapnet_jax.training import load_orbax_checkpoint
 
 PAPER_FLOPS_PER_G = 12_686_336
 PAPER_FLOPS_CONSTANT = 1_048_576
@@ -190,22 +191,52 @@ class EvaluationRequest:
     data_source: str = "synthetic"
     json_path: str | None = None
     features: int = 2
-    mean: float = data.CLASS6_MEAN
-    std: float = data.CLASS6_STD
+    mean: float | None = None  # None: the checkpoint's statistics, else the authors' Class 6
+    std: float | None = None
     threshold: float = 0.5
     batch_size: int | None = None
     impl: str = "auto"
+    image_size: int | None = None  # synthetic data: None = the training size, else 256
     progress: bool = True
 
 
-def load_model(request: EvaluationRequest) -> tuple[CheapNet, dict, str]:
-    """The model to evaluate and a description of where its weights come from."""
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with its variables, where they came from, and what its training recorded."""
+
+    model: CheapNet
+    variables: dict
+    source: str
+    normalization: Normalization | None = None
+    image_size: int | None = None
+
+
+def load_model(request: EvaluationRequest) -> LoadedModel:
+    """An authors' ``.pkl``, a cheapnet-jax orbax checkpoint (a workdir), or an untrained model."""
     if request.checkpoint is None:
         model = CheapNet(request.features, impl=request.impl)
         variables = init_variables(model, jax.random.key(0))
-        return model, variables, f"untrained CheapNet(G={request.features}), seed 0"
+        return LoadedModel(model, variables, f"untrained CheapNet(G={request.features}), seed 0")
+    if Path(request.checkpoint).is_dir():
+        model, variables, meta = load_orbax_checkpoint(request.checkpoint, impl=request.impl)
+        stats = meta.get("normalization", {})
+        normalization = Normalization(stats["mean"], stats["std"]) if stats else None
+        source = f"{request.checkpoint} (epoch {int(meta['epoch']) + 1}, step {meta['step']})"
+        image_size = (
+            meta["config"].get("image_size") if meta["config"]["data"] == "synthetic" else None
+        )
+        return LoadedModel(model, variables, source, normalization, image_size)
     model, variables = load_torch_checkpoint(request.checkpoint, impl=request.impl)
-    return model, variables, request.checkpoint
+    return LoadedModel(model, variables, request.checkpoint)
+
+
+def resolve_normalization(request: EvaluationRequest, loaded: LoadedModel) -> Normalization:
+    """Flags first, then the checkpoint's own statistics, then the authors' Class-6 values."""
+    base = loaded.normalization or Normalization()
+    return Normalization(
+        base.mean if request.mean is None else request.mean,
+        base.std if request.std is None else request.std,
+    )
 
 
 def format_table(figures: Mapping[str, object]) -> str:
@@ -232,16 +263,19 @@ def format_table(figures: Mapping[str, object]) -> str:
 
 def run_evaluation(request: EvaluationRequest) -> int:
     """Evaluate, print the table, write JSON if asked; returns the process exit status."""
-    model, variables, source = load_model(request)
+    loaded = load_model(request)
+    model, variables, source = loaded.model, loaded.variables, loaded.source
+    normalization = resolve_normalization(request, loaded)
     with tempfile.TemporaryDirectory() as scratch:
         folder = request.data_source
         if folder == "synthetic":
-            folder = write_dagm_folder(Path(scratch) / "synthetic", count=8, size=128, seed=0)
+            size = request.image_size or loaded.image_size or 256
+            folder = write_dagm_folder(Path(scratch) / "synthetic", count=16, size=size)
         results = evaluate_folder(
             model,
             variables,
             folder,
-            normalization=Normalization(request.mean, request.std),
+            normalization=normalization,
             threshold=request.threshold,
             batch_size=request.batch_size,
             progress=request.progress,
@@ -251,6 +285,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
         "checkpoint": source,
         "data": str(request.data_source),
         "features": model.features,
+        "normalization": {"mean": normalization.mean, "std": normalization.std},
         "params": count_params(variables),
         "gflops": xla_gflops(model, variables, height, width),
         "gflops_paper": paper_gflops(model.features, height, width),

@@ -45,16 +45,32 @@ def make_sample(
 def write_dagm_folder(
     folder: str | os.PathLike, count: int = 8, size: int = 128, seed: int = 0
 ) -> Path:
-    """Write ``count`` defective samples in the DAGM layout; returns the folder."""
+    """Write the ``count`` images of the test split in the DAGM layout; returns the folder."""
     folder = Path(folder)
     (folder / "Label").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    images, masks = make_split("test", count, size, seed)
     rows = ["0"]
-    for index in range(count):
-        image, mask = make_sample(rng, size, defective=True)
+    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         name = f"{index + 1:04d}"
         Image.fromarray(image).save(folder / f"{name}.PNG")
         Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "Label" / f"{name}_label.PNG")
         rows.append(f"{index + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
     (folder / LABELS_FILE).write_text("\n".join(rows) + "\n")
     return folder
+
+
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+
+
+def make_split(
+    split: str, count: int, size: int = 512, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [count, size, size], masks bool [count, size, size])`` of one split.
+
+    Splits draw from disjoint seeds, so train, validation and test never share an image.
+    """
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
+    pairs = [make_sample(rng, size, defective=True) for _ in range(count)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

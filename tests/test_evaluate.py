@@ -91,7 +91,7 @@ def test_cli_smoke_run_on_synthetic_data(tmp_path):
     result = run_cli("--variant", "S", "--json", str(out))
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
-    assert figures["images"] == 8 and figures["params"] == 277
+    assert figures["images"] == 16 and figures["params"] == 277
     assert 0.0 <= figures["miou"] <= 1.0
 
 

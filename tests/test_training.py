@@ -1,0 +1,284 @@
+"""Training: pmap over 1 vs 8 devices, one step against PyTorch, learning, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO_ROOT, checkpoint_path
+
+from cheapnet_jax import CheapNet
+from cheapnet_jax.data import shard_batch
+from cheapnet_jax.torch_import import state_dict_to_variables
+from cheapnet_jax.training import (
+    AXIS,
+    TrainConfig,
+    TrainingDivergedError,
+    TrainState,
+    create_state,
+    load_orbax_checkpoint,
+    make_train_step,
+    train_and_evaluate,
+)
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def pmapped_step(model, optimizer, devices):
+    return jax.pmap(
+        make_train_step(model, optimizer),
+        axis_name=AXIS,
+        in_axes=(None, 0, 0),
+        out_axes=(None, None),
+        devices=devices,
+    )
+
+
+def assert_trees_close(ours, theirs, atol: float = 1e-9, label: str = "") -> None:
+    flat_ours = jax.tree_util.tree_leaves_with_path(ours)
+    for (path, a), b in zip(flat_ours, jax.tree.leaves(theirs), strict=True):
+        where = label + jax.tree_util.keystr(path)
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=where)
+
+
+def random_batch(batch: int, size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, 1))
+    masks = rng.random((batch, size, size, 1)) < 0.1
+    return x, masks
+
+
+def test_one_and_eight_devices_take_the_same_step():
+    assert jax.device_count() >= 8, "conftest sets 8 host devices"
+    with jax.enable_x64(True):
+        model = CheapNet(3, bn_axis_name=AXIS)
+        optimizer = optax.adam(0.01)
+        state = create_state(model, optimizer, jax.random.key(1), 32)
+        state = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float64)), state)
+        x, masks = random_batch(8, 32)
+        results = []
+        for count in (1, 8):
+            step = pmapped_step(model, optimizer, jax.devices()[:count])
+            results.append(step(state, shard_batch(x, count), shard_batch(masks, count)))
+        (one, one_out), (eight, eight_out) = results
+        np.testing.assert_allclose(one_out["loss"], eight_out["loss"], rtol=0, atol=1e-9)
+        assert_trees_close(one.params, eight.params)
+        assert_trees_close(one.batch_stats, eight.batch_stats)
+        assert_trees_close(one_out["grads"], eight_out["grads"])
+        # Cross-replica BatchNorm: the 8-device statistics are those of the whole batch, not of
+        # one device's single image, so they differ from a per-device BatchNorm.
+        local = CheapNet(3)
+        _, per_device = local.apply(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            x[:1],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        first = jax.tree.leaves(per_device["batch_stats"])[0]
+        assert not np.allclose(first, jax.tree.leaves(eight.batch_stats)[0])
+
+
+def test_one_step_matches_pytorch():
+    """From the authors' G=2 checkpoint: train-mode BatchNorm, BCE, Adam lr 0.01, in float64."""
+    torch = pytest.importorskip("torch")
+    from torch_reference import load_reference
+
+    path = checkpoint_path(2)
+    reference = load_reference(path, torch.float64).train()
+    x, masks = random_batch(2, 64, seed=3)
+    with jax.enable_x64(True):
+        variables = state_dict_to_variables(reference.state_dict(), dtype=np.float64)
+        model = CheapNet(2, bn_axis_name=AXIS)
+        optimizer = optax.adam(0.01)
+        state = TrainState(
+            step=jnp.array(0, jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=optimizer.init(variables["params"]),
+        )
+        step = pmapped_step(model, optimizer, jax.devices()[:1])
+        new_state, out = step(state, x[None], masks[None])
+
+        torch_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
+        probabilities = torch.sigmoid(reference(torch.from_numpy(x).permute(0, 3, 1, 2)))
+        target = torch.from_numpy(masks.astype(np.float64)).permute(0, 3, 1, 2)
+        loss = torch.nn.functional.binary_cross_entropy(probabilities, target)
+        torch_optimizer.zero_grad()
+        loss.backward()
+        grads = {name: p.grad for name, p in reference.named_parameters()}
+        buffers = {name: b for name, b in reference.named_buffers()}
+        torch_grads = state_dict_to_variables({**grads, **buffers}, dtype=np.float64)["params"]
+        torch_optimizer.step()
+        after = state_dict_to_variables(reference.state_dict(), dtype=np.float64)
+
+        np.testing.assert_allclose(float(out["loss"]), loss.item(), rtol=0, atol=1e-9)
+        assert_trees_close(out["grads"], torch_grads)
+        assert_trees_close(new_state.batch_stats, after["batch_stats"])
+        # Where the true gradient is zero (every conv bias: a train-mode BatchNorm follows and
+        # subtracts the batch mean; a channel that feeds nothing), both sides hold rounding
+        # noise, which Adam's first step (about lr * g / (|g| + eps)) turns into arbitrary moves
+        # below lr. Those entries must be noise (< 1e-12) and move by < lr; the rest agree to
+        # 1e-9.
+        leaves = zip(
+            jax.tree.leaves(new_state.params),
+            jax.tree.leaves(after["params"]),
+            jax.tree.leaves(variables["params"]),
+            jax.tree.leaves(out["grads"]),
+            jax.tree.leaves(torch_grads),
+            strict=True,
+        )
+        compared = 0
+        for ours, theirs, before, grad, torch_grad in leaves:
+            noise = np.maximum(np.abs(grad), np.abs(np.asarray(torch_grad))) < 1e-12
+            np.testing.assert_allclose(ours[~noise], theirs[~noise], rtol=0, atol=1e-9)
+            assert np.all(np.abs(np.asarray(ours - before)[noise]) <= 0.01 + 1e-12)
+            compared += int((~noise).sum())
+        assert compared >= 0.9 * sum(np.size(leaf) for leaf in jax.tree.leaves(after["params"]))
+
+
+def small_config(workdir, **overrides) -> TrainConfig:
+    settings = dict(
+        features=2,
+        devices=1,
+        epochs=2,
+        batch_size=4,
+        image_size=32,
+        synthetic_train=8,
+        synthetic_validation=6,
+        workdir=str(workdir),
+        progress=False,
+        milestones=(1,),
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_training_writes_logs_checkpoints_and_plot(tmp_path):
+    figures = train_and_evaluate(small_config(tmp_path, devices=2))
+    assert figures["epoch"] == 1 and figures["step"] == 4
+    assert figures["lr"] == pytest.approx(0.001)  # x0.1 after the milestone at epoch 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "config.json").read_text())["devices"] == 2
+    model, _, meta = load_orbax_checkpoint(tmp_path)
+    assert model.features == 2 and meta["normalization"]["std"] > 0
+    # validation counts cover all 6 images (a padded last batch), each pixel once
+    assert sum(rows[-1]["validation"]["confusion"].values()) == 6 * 32 * 32
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    train_and_evaluate(small_config(tmp_path, epochs=1))
+    with pytest.raises(TrainingDivergedError, match="loss became nan"):
+        train_and_evaluate(small_config(tmp_path, epochs=3, lr=float("nan")))
+    _, variables, meta = load_orbax_checkpoint(tmp_path)
+    assert meta["epoch"] == 0
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+
+
+def run_train(workdir, *extra: str) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "--variant",
+        "S",
+        "--epochs",
+        "5",
+        "--image-size",
+        "128",
+        "--synthetic-train",
+        "48",
+        "--synthetic-validation",
+        "4",
+        "--batch-size",
+        "4",
+        "--milestones",
+        "3",
+        *extra,
+    ]
+    return subprocess.Popen(command, env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def final_params(workdir):
+    return jax.tree.leaves(load_orbax_checkpoint(workdir)[1])
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    uninterrupted = run_train(tmp_path / "a")
+    assert uninterrupted.wait(timeout=600) == 0
+    killed = run_train(tmp_path / "b")
+    latest = tmp_path / "b" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (
+        latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
+    ):
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = run_train(tmp_path / "b")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in output
+    for a, b in zip(final_params(tmp_path / "a"), final_params(tmp_path / "b"), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cli_trains_m_on_eight_devices_and_evaluate_reads_it(tmp_path):
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "--variant",
+        "M",
+        "--devices",
+        "8",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--image-size",
+        "32",
+        "--synthetic-train",
+        "16",
+        "--synthetic-validation",
+        "8",
+        "--workdir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    result = subprocess.run(
+        command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    assert "simulating 8 CPU devices" in result.stdout
+    out = tmp_path / "eval.json"
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "evaluate.py"),
+            "--checkpoint",
+            str(tmp_path),
+            "--no-progress",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    figures = json.loads(out.read_text())
+    assert figures["features"] == 32 and figures["params"] == 137 * 32 + 3
+    assert figures["image_size"] == [32, 32]

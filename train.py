@@ -1,0 +1,93 @@
+"""Train CheapNet with the paper's recipe, data-parallel over N devices.
+
+    python train.py --variant M --devices 8 --data synthetic --epochs 2 --workdir runs/m
+
+On a CPU-only machine, --devices N simulates N CPU devices. Started again on the same workdir,
+it resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+VARIANTS = {"S": 2, "M": 32, "L": 1024}  # cheapnet_jax.VARIANTS; kept here to parse before JAX
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    width = parser.add_mutually_exclusive_group()
+    width.add_argument("--variant", choices=sorted(VARIANTS), default="S")
+    width.add_argument("--features", type=int, help="width G (overrides --variant)")
+    parser.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    parser.add_argument("--data", default="synthetic", help="DAGM 2007 root folder or 'synthetic'")
+    parser.add_argument("--classes", default="6", help="DAGM classes: '6', '1,2,3' or 'all'")
+    parser.add_argument("--epochs", type=int, default=120)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--milestones", default="60,90", help="epochs where lr is multiplied")
+    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="runs/default")
+    parser.add_argument("--image-size", type=int, default=512, help="synthetic data only")
+    parser.add_argument("--synthetic-train", type=int, default=64, help="synthetic images")
+    parser.add_argument("--synthetic-validation", type=int, default=16)
+    parser.add_argument("--keep-checkpoints", type=int, default=3, help="latest N kept")
+    parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Ask XLA for ``count`` host devices; must run before JAX starts (ignored on GPUs)."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.devices > 1:
+        simulate_cpu_devices(args.devices)
+    import jax
+
+    from cheapnet_jax.training import TrainConfig, train_and_evaluate
+
+    if args.distributed:
+        jax.distributed.initialize()
+    backend = jax.default_backend()
+    if args.devices > 1 and backend == "cpu":
+        print(f"no accelerator: simulating {args.devices} CPU devices")
+    classes = (
+        tuple(range(1, 11))
+        if args.classes == "all"
+        else tuple(int(c) for c in args.classes.split(","))
+    )
+    config = TrainConfig(
+        features=args.features if args.features is not None else VARIANTS[args.variant],
+        devices=args.devices,
+        data=args.data,
+        classes=classes,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        milestones=tuple(int(m) for m in args.milestones.split(",") if m),
+        gamma=args.gamma,
+        seed=args.seed,
+        workdir=args.workdir,
+        image_size=args.image_size,
+        synthetic_train=args.synthetic_train,
+        synthetic_validation=args.synthetic_validation,
+        keep_checkpoints=args.keep_checkpoints,
+        impl=args.impl,
+        progress=not args.no_progress,
+    )
+    train_and_evaluate(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
