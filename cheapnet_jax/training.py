@@ -112,6 +112,11 @@ def load_dataset(config: TrainConfig) -> Dataset:
     return Dataset(*train, *validation, mean=mean, std=std, description=description)
 
 
+def learning_rate_at(config: TrainConfig, epoch: int) -> float:
+    """The learning rate during ``epoch`` (0-based): lr * gamma ** (milestones passed)."""
+    return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
+
+
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
     """lr, multiplied by gamma at each milestone epoch (counted in steps)."""
     boundaries = {int(m) * steps_per_epoch: config.gamma for m in config.milestones}
@@ -220,9 +225,11 @@ def _pad(array: np.ndarray, size: int) -> np.ndarray:
 class Checkpoints:
     """The latest N states and the best by validation mIoU, written atomically by orbax.
 
-    Two managers, because one manager with ``best_fn`` keeps the N best and may delete the
-    latest. Each step holds ``model`` (params, batch_stats), ``train`` (the full state) and
-    ``meta`` (JSON: epoch, config, normalisation, metrics).
+    Two managers: ``latest`` keeps the last N epochs (items ``model``: params and batch_stats,
+    ``opt``: step and optimizer state, ``meta``: JSON with epoch, config, normalisation and
+    metrics); ``best`` keeps ``model`` and ``meta`` of the best epoch, written only when the
+    validation mIoU improves (one manager with ``best_fn`` would keep the N best and could
+    delete the latest).
     """
 
     def __init__(self, workdir: str | os.PathLike, keep: int):
@@ -231,23 +238,24 @@ class Checkpoints:
             root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         )
         self.best = ocp.CheckpointManager(
-            root / "best",
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m["miou"], best_mode="max", create=True
-            ),
+            root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
         )
+        self.best_miou = -math.inf
 
     def save(self, state: TrainState, meta: dict) -> None:
         step = int(state.step)
-        args = ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-            train=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta),
-        )
-        self.latest.save(step, args=args)
         score = meta["validation"]["miou"]
-        if math.isfinite(score):
-            self.best.save(step, args=args, metrics={"miou": score})
+        improved = math.isfinite(score) and score > self.best_miou
+        if improved:
+            self.best_miou = score
+        meta = {**meta, "best_miou": self.best_miou}
+        model = ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats})
+        opt = ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})
+        self.latest.save(
+            step, args=ocp.args.Composite(model=model, opt=opt, meta=ocp.args.JsonSave(meta))
+        )
+        if improved:
+            self.best.save(step, args=ocp.args.Composite(model=model, meta=ocp.args.JsonSave(meta)))
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
 
@@ -255,13 +263,26 @@ class Checkpoints:
         step = self.latest.latest_step()
         if step is None:
             return None
+        model = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
+        opt = {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
         restored = self.latest.restore(
             step,
             args=ocp.args.Composite(
-                train=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                model=ocp.args.StandardRestore(model),
+                opt=ocp.args.StandardRestore(opt),
+                meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored["train"], restored["meta"]
+        meta = restored["meta"]
+        if meta.get("best_miou") is not None and math.isfinite(meta["best_miou"]):
+            self.best_miou = meta["best_miou"]
+        state = TrainState(
+            step=restored["opt"]["step"],
+            params=restored["model"]["params"],
+            batch_stats=restored["model"]["batch_stats"],
+            opt_state=restored["opt"]["opt_state"],
+        )
+        return state, meta
 
     def close(self) -> None:
         self.latest.close()
@@ -295,7 +316,7 @@ def load_orbax_checkpoint(
             directory, step = folder, None
         with ocp.CheckpointManager(directory) as manager:
             if step is None:
-                step = manager.best_step() or manager.latest_step()
+                step = manager.latest_step()
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
                 "meta"
             ]
@@ -338,7 +359,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
     optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
-    schedule = learning_rate_schedule(config, steps_per_epoch)
     state = create_state(model, optimizer, jax.random.key(config.seed), config.image_size)
 
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
@@ -348,6 +368,12 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         state, meta = restored
         first_epoch = int(meta["epoch"]) + 1
         print(f"resumed from {workdir} at epoch {first_epoch} (step {int(state.step)})")
+    # Placed as pmap returns it (replicated over the devices' mesh), so that the first and
+    # later steps share one compiled program.
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
+    )
+    state = jax.device_put(state, replicated)
 
     train_step = jax.pmap(
         make_train_step(model, optimizer),
@@ -368,7 +394,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     try:
         for epoch in range(first_epoch, config.epochs):
             state, train_loss = _train_epoch(
-                config, dataset, state, train_step, schedule, epoch, steps_per_epoch
+                config, dataset, state, train_step, epoch, steps_per_epoch
             )
             counts = validation_counts(
                 eval_step,
@@ -384,7 +410,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                 "epoch": epoch,
                 "step": int(state.step),
                 "train_loss": train_loss,
-                "lr": float(schedule(int(state.step) - 1)),
+                "lr": learning_rate_at(config, epoch),
                 "validation": {
                     **metrics.segmentation_metrics(counts),
                     "confusion": counts._asdict(),
@@ -411,8 +437,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     return figures
 
 
-def _train_epoch(config, dataset, state, train_step, schedule, epoch, steps_per_epoch):
+def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch):
     order = data.epoch_order(len(dataset.train_images), config.seed, epoch)
+    lr = learning_rate_at(config, epoch)
     losses = []
     progress = tqdm(
         range(steps_per_epoch),
@@ -426,7 +453,6 @@ def _train_epoch(config, dataset, state, train_step, schedule, epoch, steps_per_
         chosen = order[index * config.batch_size : (index + 1) * config.batch_size]
         x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std)
         y = dataset.train_masks[chosen][..., None]
-        lr = float(schedule(int(state.step)))
         state, out = train_step(
             state, data.shard_batch(x, config.devices), data.shard_batch(y, config.devices)
         )
