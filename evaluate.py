@@ -16,7 +16,27 @@ from cheapnet_jax.evaluation import EvaluationRequest, run_evaluation
 from cheapnet_jax.model import VARIANTS
 
 
-def parse_args(argv: list[str]) -> EvaluationRequest:
+def bench_request(args: argparse.Namespace) -> dict:
+    """The --jit-bench settings; defaults sized for the backend (CheapNet-L is slow on a CPU)."""
+    import jax
+
+    on_cpu = jax.default_backend() == "cpu"
+    if args.features is not None:
+        features = [args.features]
+    else:
+        names = args.variants or ("S,M" if on_cpu else "S,M,L")
+        features = [VARIANTS[name.strip()] for name in names.split(",")]
+    batches = args.batch_sizes or ("1,8" if on_cpu else "1,64,256")
+    return {
+        "features": features,
+        "batch_sizes": [int(b) for b in batches.split(",")],
+        "image_size": args.image_size or 512,
+        "runs": args.runs,
+        "json_path": args.json,
+    }
+
+
+def parse_args(argv: list[str]) -> EvaluationRequest | dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="the authors' .pkl (or omit for an untrained model)")
     parser.add_argument(
@@ -40,7 +60,14 @@ def parse_args(argv: list[str]) -> EvaluationRequest:
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: by G)")
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench = parser.add_argument_group("--jit-bench: speed of segmentation and detection")
+    bench.add_argument("--jit-bench", action="store_true", help="benchmark instead of evaluate")
+    bench.add_argument("--variants", default=None, help="e.g. S,M,L (default S,M; L on GPUs)")
+    bench.add_argument("--batch-sizes", default=None, help="e.g. 1,8 (default 1,8; GPU 1,64,256)")
+    bench.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
     args = parser.parse_args(argv)
+    if args.jit_bench:
+        return bench_request(args)
     return EvaluationRequest(
         checkpoint=args.checkpoint,
         data_source=args.data,
@@ -56,5 +83,15 @@ def parse_args(argv: list[str]) -> EvaluationRequest:
     )
 
 
+def main(argv: list[str]) -> int:
+    request = parse_args(argv)
+    if isinstance(request, dict):
+        from cheapnet_jax.bench import run_jit_bench
+
+        run_jit_bench(**request)
+        return 0
+    return run_evaluation(request)
+
+
 if __name__ == "__main__":
-    sys.exit(run_evaluation(parse_args(sys.argv[1:])))
+    sys.exit(main(sys.argv[1:]))

@@ -97,3 +97,61 @@ def write_json(path: str | os.PathLike, rows: Sequence[dict], **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": machine_description(), **extra, "rows": list(rows)}
     path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
+
+
+def jit_bench_row(features: int, batch: int, image_size: int, runs: int) -> dict:
+    """Compile time, latency and throughput of segmentation and of segmentation + labeling."""
+    from cheapnet_jax.detection import make_detector
+    from cheapnet_jax.evaluation import count_params, paper_gflops, xla_gflops
+    from cheapnet_jax.model import CheapNet, inference_logits, init_variables
+
+    model = CheapNet(features)
+    variables = init_variables(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 1))
+    segment = jax.jit(lambda v, images: jax.nn.sigmoid(inference_logits(model, v, images)))
+    detect = make_detector(model)
+    row = {
+        "G": features,
+        "batch": batch,
+        "params": count_params(variables),
+        "GFLOPs xla": xla_gflops(model, variables, image_size, image_size),
+        "GFLOPs paper": paper_gflops(features, image_size, image_size),
+    }
+    for name, fn in (("seg", segment), ("seg+label", detect)):
+        row[f"{name} compile s"] = time_compile(fn, variables, x)
+        timing = time_call(lambda fn=fn: fn(variables, x), runs=runs)
+        row[f"{name} img/s"] = batch / timing.median_s
+        row[f"{name} ms/img"] = 1e3 * timing.median_s / batch
+        row[f"{name} ms/batch"] = 1e3 * timing.median_s
+        row[f"{name} spread ms"] = 1e3 * (timing.max_s - timing.min_s)
+    return row
+
+
+def run_jit_bench(
+    features: Sequence[int],
+    batch_sizes: Sequence[int],
+    image_size: int,
+    runs: int,
+    json_path: str | None = None,
+) -> list[dict]:
+    """`evaluate.py --jit-bench`: print (and write) one row per model and batch size."""
+    machine = machine_description()
+    print(
+        f"device: {machine['device']} ({machine['jax_backend']}), {machine['cpu']}, "
+        f"{machine['cores']} cores, jax {machine['jax']}; {image_size}x{image_size}, "
+        f"medians of {runs} runs after warm-up"
+    )
+    rows = []
+    for g in features:
+        for batch in batch_sizes:
+            rows.append(jit_bench_row(g, batch, image_size, runs))
+    columns = ["G", "batch", "params", "GFLOPs xla", "GFLOPs paper"] + [
+        f"{name} {what}"
+        for name in ("seg", "seg+label")
+        for what in ("img/s", "ms/img", "ms/batch", "spread ms", "compile s")
+    ]
+    print(format_table(rows, columns))
+    if json_path:
+        write_json(json_path, rows, image_size=image_size, runs=runs)
+        print(f"wrote {json_path}")
+    return rows

@@ -99,3 +99,29 @@ def test_cli_bad_folder_names_it(tmp_path):
     result = run_cli("--data", str(tmp_path / "missing"))
     assert result.returncode != 0
     assert "missing: no such folder" in result.stderr
+
+
+def test_jit_bench_prints_and_writes_the_table(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "--jit-bench",
+        "--variants",
+        "S",
+        "--batch-sizes",
+        "1,2",
+        "--image-size",
+        "64",
+        "--runs",
+        "3",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seg+label img/s" in result.stdout and "device:" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["G"], row["batch"]) for row in rows] == [(2, 1), (2, 2)]
+    for row in rows:
+        assert row["params"] == 277
+        for name in ("seg", "seg+label"):
+            assert row[f"{name} img/s"] > 0 and row[f"{name} compile s"] > 0
+            assert row[f"{name} ms/img"] * row[f"{name} img/s"] == pytest.approx(1000)
