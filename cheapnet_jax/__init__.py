@@ -1,5 +1,7 @@
 """cheapnet-jax: CheapNet for defect segmentation and detection in JAX/Flax."""
 
+from cheapnet_jax.detection import Detections, detect, make_detector
+from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
 from cheapnet_jax.model import VARIANTS, CheapNet, param_count
 from cheapnet_jax.torch_import import (
     CheckpointError,
@@ -11,7 +13,13 @@ __all__ = [
     "VARIANTS",
     "CheapNet",
     "CheckpointError",
+    "ComponentStats",
+    "Detections",
+    "component_stats",
+    "detect",
+    "label_components",
     "load_torch_checkpoint",
+    "make_detector",
     "param_count",
     "save_torch_checkpoint",
 ]
