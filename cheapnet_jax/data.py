@@ -210,6 +210,23 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
+def host_share(
+    indices: np.ndarray, process_index: int | None = None, process_count: int | None = None
+) -> np.ndarray:
+    """This process's contiguous share of a global batch's example indices.
+
+    One process (the default without `jax.distributed`) gets them all.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if len(indices) % process_count:
+        raise ValueError(f"a batch of {len(indices)} does not split over {process_count} hosts")
+    per_host = len(indices) // process_count
+    return indices[process_index * per_host : (process_index + 1) * per_host]
+
+
 def shard_batch(batch: np.ndarray, devices: int) -> np.ndarray:
     """``[global_batch, ...]`` -> ``[devices, global_batch / devices, ...]`` for pmap."""
     if batch.shape[0] % devices:

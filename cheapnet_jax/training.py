@@ -200,11 +200,12 @@ def validation_counts(
     """Counts over the whole validation split: the last batch is padded and masked."""
     totals = metrics.ConfusionCounts(0, 0, 0, 0)
     for start in range(0, len(images), batch_size):
-        chunk = slice(start, start + batch_size)
-        count = len(images[chunk])
-        x = _pad(data.normalize(images[chunk], mean, std), batch_size)
-        y = _pad(masks[chunk][..., None], batch_size)
-        valid = np.arange(batch_size) < count
+        # This host's share of the (padded) global batch; padded positions are invalid.
+        positions = data.host_share(np.arange(start, start + batch_size))
+        valid = positions < len(images)
+        chosen = np.minimum(positions, len(images) - 1)
+        x = data.normalize(images[chosen], mean, std)
+        y = masks[chosen][..., None]
         counts = eval_step(
             state,
             data.shard_batch(x, devices),
@@ -213,13 +214,6 @@ def validation_counts(
         )
         totals = totals + metrics.counts_from_array(counts)
     return totals
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-    missing = size - array.shape[0]
-    if missing <= 0:
-        return array
-    return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)])
 
 
 class Checkpoints:
@@ -334,16 +328,25 @@ def _jsonable(config: TrainConfig) -> dict:
 
 
 def train_and_evaluate(config: TrainConfig) -> dict:
-    """Train (resuming from ``workdir`` when it holds a checkpoint); returns the final metrics."""
+    """Train (resuming from ``workdir`` when it holds a checkpoint); returns the final metrics.
+
+    ``config.devices`` are this process's devices. Under `jax.distributed` (several processes)
+    every process must use all its local devices; each reads its own share of every global
+    batch (`data.host_share`) and pmap spans the devices of all processes.
+    """
     devices = jax.local_devices()[: config.devices]
     if len(devices) < config.devices:
         raise ValueError(
             f"--devices {config.devices}: only {len(jax.local_devices())} "
             f"{jax.default_backend()} devices here"
         )
-    if config.batch_size % config.devices:
+    if jax.process_count() > 1:
+        if config.devices != jax.local_device_count():
+            raise ValueError("with several processes, --devices must be the local device count")
+        devices = jax.devices()  # pmap over every process's devices
+    if config.batch_size % len(devices):
         raise ValueError(
-            f"--batch-size {config.batch_size} must be a multiple of --devices {config.devices}"
+            f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices"
         )
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -450,7 +453,7 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch):
     )
     start = time.perf_counter()
     for index in progress:
-        chosen = order[index * config.batch_size : (index + 1) * config.batch_size]
+        chosen = data.host_share(order[index * config.batch_size : (index + 1) * config.batch_size])
         x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std)
         y = dataset.train_masks[chosen][..., None]
         state, out = train_step(

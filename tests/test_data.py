@@ -116,3 +116,18 @@ def test_batches_cover_every_sample_once(folder):
     batches = list(iterate_batches(list_dagm_samples(folder), batch_size=2))
     assert [len(chunk) for chunk, _, _ in batches] == [2, 1]
     assert batches[1][1].shape == (1, 32, 32)
+
+
+def test_host_shares_cover_a_global_batch_once():
+    from cheapnet_jax.data import epoch_order, host_share, shard_batch
+
+    order = epoch_order(24, seed=3, epoch=5)
+    np.testing.assert_array_equal(order, epoch_order(24, seed=3, epoch=5))
+    assert not np.array_equal(order, epoch_order(24, seed=3, epoch=6))
+    batch = order[:8]
+    shares = [host_share(batch, index, 4) for index in range(4)]
+    np.testing.assert_array_equal(np.concatenate(shares), batch)
+    np.testing.assert_array_equal(host_share(batch), batch)  # one process: everything
+    assert shard_batch(np.zeros((8, 4, 4, 1)), 4).shape == (4, 2, 4, 4, 1)
+    with pytest.raises(ValueError, match="does not split over 3 hosts"):
+        host_share(batch, 0, 3)

@@ -172,3 +172,16 @@ def test_train_mode_batchnorm_matches_torch():
             jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(new_stats), strict=True
         ):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+def test_fused_and_lax_masks_agree_in_float32():
+    """float32: the two forms round differently, but their masks agree on all but 1e-5."""
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), random_variables(8, seed=7))
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((4, 64, 64, 1)), jnp.float32)
+    logits = [
+        np.asarray(jax.jit(CheapNet(8, impl=impl).apply)(variables, x)) for impl in ("lax", "fused")
+    ]
+    threshold = np.median(logits[0])  # random weights: split the pixels half and half
+    masks = [values > threshold for values in logits]
+    assert 0.4 < masks[0].mean() < 0.6
+    assert np.mean(masks[0] != masks[1]) <= 1e-5
