@@ -91,6 +91,21 @@ def _shift_up_left(x: jax.Array, rows: int, cols: int) -> jax.Array:
     return padded[:, rows : rows + x.shape[1], cols : cols + x.shape[2], :]
 
 
+def _kernel_and_bias(
+    module: nn.Module, x: jax.Array, kernel_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """A grouped layer's HWIO kernel ``[k, k, Cin/groups, features]`` and bias, in x's dtype."""
+    in_features, features, groups = x.shape[-1], module.features, module.groups
+    if in_features % groups or features % groups:
+        raise ValueError(
+            f"{in_features} input and {features} output channels do not split into {groups} groups"
+        )
+    shape = (kernel_size, kernel_size, in_features // groups, features)
+    kernel = module.param("kernel", nn.initializers.kaiming_uniform(), shape)
+    bias = module.param("bias", nn.initializers.zeros, (features,))
+    return kernel.astype(x.dtype), bias.astype(x.dtype)
+
+
 class Conv(nn.Module):
     """Square convolution with 'same' padding (k//2), optional stride 2 and groups; with bias.
 
@@ -106,20 +121,8 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_features = x.shape[-1]
-        if in_features % self.groups or self.features % self.groups:
-            raise ValueError(
-                f"{in_features} input and {self.features} output channels do not split "
-                f"into {self.groups} groups"
-            )
-        k = self.kernel_size
-        kernel = self.param(
-            "kernel",
-            nn.initializers.kaiming_uniform(),
-            (k, k, in_features // self.groups, self.features),
-        ).astype(x.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
-        pad = k // 2
+        kernel, bias = _kernel_and_bias(self, x, self.kernel_size)
+        pad = self.kernel_size // 2
         if resolve_impl(self.impl) == "lax":
             y = lax.conv_general_dilated(
                 x,
@@ -164,18 +167,7 @@ class ConvTranspose(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        in_features = x.shape[-1]
-        if in_features % self.groups or self.features % self.groups:
-            raise ValueError(
-                f"{in_features} input and {self.features} output channels do not split "
-                f"into {self.groups} groups"
-            )
-        kernel = self.param(
-            "kernel",
-            nn.initializers.kaiming_uniform(),
-            (3, 3, in_features // self.groups, self.features),
-        ).astype(x.dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        kernel, bias = _kernel_and_bias(self, x, 3)
         if resolve_impl(self.impl) == "lax":
             y = lax.conv_general_dilated(
                 x,
