@@ -43,13 +43,13 @@ def make_sample(
 
 
 def write_dagm_folder(
-    folder: str | os.PathLike, count: int = 8, size: int = 128, seed: int = 0
+    folder: str | os.PathLike, count: int = 8, size: int = 128, seed: int = 0, class_id: int = 0
 ) -> Path:
     """Write the ``count`` images of the test split in the DAGM layout; returns the folder."""
     folder = Path(folder)
     (folder / "Label").mkdir(parents=True, exist_ok=True)
     images, masks = make_split("test", count, size, seed)
-    rows = ["0"]
+    rows = [str(class_id)]
     for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         name = f"{index + 1:04d}"
         Image.fromarray(image).save(folder / f"{name}.PNG")

@@ -1,0 +1,1 @@
+"""The DAGM 2007 tensorflow-datasets builder."""
