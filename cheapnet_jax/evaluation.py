@@ -214,23 +214,27 @@ class LoadedModel:
     image_size: int | None = None
 
 
+def load_checkpoint(path: str | os.PathLike, impl: str = "auto") -> LoadedModel:
+    """An authors' ``.pkl`` or a cheapnet-jax orbax checkpoint (a workdir or a step folder)."""
+    if Path(path).is_dir():
+        model, variables, meta = load_orbax_checkpoint(path, impl=impl)
+        stats = meta.get("normalization", {})
+        normalization = Normalization(stats["mean"], stats["std"]) if stats else None
+        source = f"{path} (epoch {int(meta['epoch']) + 1}, step {meta['step']})"
+        synthetic = meta["config"]["data"] == "synthetic"
+        image_size = meta["config"].get("image_size") if synthetic else None
+        return LoadedModel(model, variables, source, normalization, image_size)
+    model, variables = load_torch_checkpoint(path, impl=impl)
+    return LoadedModel(model, variables, str(path))
+
+
 def load_model(request: EvaluationRequest) -> LoadedModel:
-    """An authors' ``.pkl``, a cheapnet-jax orbax checkpoint (a workdir), or an untrained model."""
+    """The request's checkpoint (see `load_checkpoint`), or an untrained model without one."""
     if request.checkpoint is None:
         model = CheapNet(request.features, impl=request.impl)
         variables = init_variables(model, jax.random.key(0))
         return LoadedModel(model, variables, f"untrained CheapNet(G={request.features}), seed 0")
-    if Path(request.checkpoint).is_dir():
-        model, variables, meta = load_orbax_checkpoint(request.checkpoint, impl=request.impl)
-        stats = meta.get("normalization", {})
-        normalization = Normalization(stats["mean"], stats["std"]) if stats else None
-        source = f"{request.checkpoint} (epoch {int(meta['epoch']) + 1}, step {meta['step']})"
-        image_size = (
-            meta["config"].get("image_size") if meta["config"]["data"] == "synthetic" else None
-        )
-        return LoadedModel(model, variables, source, normalization, image_size)
-    model, variables = load_torch_checkpoint(request.checkpoint, impl=request.impl)
-    return LoadedModel(model, variables, request.checkpoint)
+    return load_checkpoint(request.checkpoint, request.impl)
 
 
 def resolve_normalization(request: EvaluationRequest, loaded: LoadedModel) -> Normalization:

@@ -1,0 +1,289 @@
+"""Defects of new images: `predict.py`'s streaming loop, records, CSV and overlays.
+
+Images of any size are padded to a multiple of 16 by reflection and the probabilities are
+cropped back before thresholding and labeling, so defects never come from the padding.
+Colour and palette images are converted to grayscale with a warning in their record; 16-bit
+images and unreadable files are reported (``error``) and skipped. Results go to
+``defects.jsonl`` one line per image as soon as its batch is done, so a killed run keeps what
+it finished and ``resume`` skips those files; ``defects.json`` and ``defects.csv`` are written
+from it at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+from cheapnet_jax import data
+from cheapnet_jax.detection import detections_from_probabilities
+from cheapnet_jax.evaluation import LoadedModel, Normalization
+from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, inference_logits
+
+IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
+RECORDS_FILE = "defects.jsonl"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """`predict.py`'s settings."""
+
+    threshold: float = 0.5
+    min_area: int = 0
+    batch_size: int = 8
+    max_components: int = 256
+    overlays: bool = True
+    resume: bool = False
+    progress: bool = True
+
+
+def find_images(inputs: Iterable[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and globs -> image paths, in order, no repeats."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item))
+            if not matches:
+                raise FileNotFoundError(f"{item}: no such file, folder or matching glob")
+            found += [p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES]
+    return list(dict.fromkeys(found))
+
+
+def read_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """uint8 grayscale ``[H, W]`` and a warning (colour converted); DataError when unusable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise data.DataError(f"{path}: {mode} image (more than 8 bits): convert it first")
+            warning = None
+            if mode != "L":
+                warning = f"converted from mode {mode!r} to 8-bit grayscale"
+                image = image.convert("L")
+            return np.asarray(image, np.uint8), warning
+    except data.DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise data.DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def pad_to_multiple(image: np.ndarray) -> np.ndarray:
+    """Reflect-pad ``[H, W]`` at the bottom and right up to multiples of 16."""
+    height, width = image.shape
+    pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
+    mode = "reflect" if min(height, width) > max(pad_h, pad_w) else "edge"
+    return np.pad(image, ((0, pad_h), (0, pad_w)), mode=mode)
+
+
+@partial(jax.jit, static_argnames=("model", "height", "width", "options"))
+def _detect_cropped(variables, x, *, model: CheapNet, height: int, width: int, options):
+    probabilities = jax.nn.sigmoid(inference_logits(model, variables, x))[:, :height, :width, 0]
+    return detections_from_probabilities(
+        probabilities,
+        threshold=options.threshold,
+        max_components=options.max_components,
+        min_area=options.min_area,
+    )
+
+
+def image_record(path: Path, found, index: int, warning: str | None) -> dict:
+    """The JSON record of one image from a batch's detections (numpy)."""
+    valid = found.valid[index]
+    defects = [
+        {"box": [int(v) for v in row[:4]], "area": int(row[4]), "score": round(float(score), 6)}
+        for row, score in zip(found.stats[index][valid], found.scores[index][valid], strict=True)
+    ]
+    height, width = found.masks[index].shape
+    record = {
+        "file": str(path),
+        "verdict": "NG" if defects else "OK",
+        "width": width,
+        "height": height,
+        "defects": defects,
+    }
+    if int(found.overflow[index]):
+        record["components_left_out"] = int(found.overflow[index])
+    if warning:
+        record["warning"] = warning
+    return record
+
+
+def overlay_name(path: Path) -> str:
+    """``<stem>.png``, with a digest of the folder so that same-named inputs never collide."""
+    folder = hashlib.sha1(str(path.parent.absolute()).encode()).hexdigest()[:8]
+    return f"{path.stem}-{folder}.png"
+
+
+def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, record: Mapping) -> None:
+    """The image with the predicted mask tinted red and each box drawn with its area."""
+    rgb = np.repeat(image[..., None], 3, axis=-1).astype(np.float32)
+    rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.array([255, 0, 0], np.float32)
+    overlay = Image.fromarray(rgb.astype(np.uint8))
+    draw = ImageDraw.Draw(overlay)
+    for defect in record["defects"]:
+        x1, y1, x2, y2 = defect["box"]
+        draw.rectangle((x1, y1, x2, y2), outline=(255, 255, 0), width=2)
+        draw.text((x1, max(0, y1 - 12)), f"{defect['area']} px", fill=(255, 255, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay.save(path)
+
+
+def _decode(path: Path):
+    try:
+        image, warning = read_image(path)
+        return path, image, warning, None
+    except data.DataError as err:
+        return path, None, None, str(err)
+
+
+def _batches(decoded: Iterator, batch_size: int) -> Iterator[tuple[list, list]]:
+    """Group decoded images into batches of one size; errors pass through alone."""
+    batch: list = []
+    for path, image, warning, error in decoded:
+        if error is not None:
+            yield [], [(path, error)]
+            continue
+        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
+            yield batch, []
+            batch = []
+        batch.append((path, image, warning))
+    if batch:
+        yield batch, []
+
+
+def finished_files(out_dir: Path) -> set[str]:
+    """Files already predicted in ``defects.jsonl`` (for resume; failed ones are tried again).
+
+    The file is rewritten with its complete records only: a line cut by a crash is dropped
+    (that image is predicted again) and new records start on a line of their own.
+    """
+    records_file = out_dir / RECORDS_FILE
+    if not records_file.is_file():
+        return set()
+    kept, done = [], set()
+    for line in records_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kept.append(line)
+        if "error" not in record:
+            done.add(record["file"])
+    records_file.write_text("".join(f"{line}\n" for line in kept))
+    return done
+
+
+def predict_files(
+    loaded: LoadedModel,
+    paths: list[Path],
+    out_dir: str | os.PathLike,
+    normalization: Normalization,
+    options: PredictOptions = PredictOptions(),
+) -> dict:
+    """Run the detector over ``paths``; returns ``{"images", "failed", "skipped"}`` counts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = finished_files(out_dir) if options.resume else set()
+    if not options.resume:
+        (out_dir / RECORDS_FILE).unlink(missing_ok=True)
+    todo = [p for p in paths if str(p) not in done]
+    counts = {"images": 0, "failed": 0, "skipped": len(paths) - len(todo)}
+    progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
+    with (
+        ThreadPoolExecutor(max_workers=2) as pool,  # decoding overlaps the device's work
+        (out_dir / RECORDS_FILE).open("a") as records,
+    ):
+        for batch, errors in _batches(pool.map(_decode, todo), options.batch_size):
+            for path, error in errors:
+                print(f"error: {error}", file=sys.stderr)
+                records.write(json.dumps({"file": str(path), "error": error}) + "\n")
+                counts["failed"] += 1
+            if batch:
+                _predict_batch(loaded, batch, out_dir, normalization, options, records)
+                counts["images"] += len(batch)
+            records.flush()
+            progress.update(len(batch) + len(errors))
+    progress.close()
+    write_summaries(out_dir)
+    return counts
+
+
+def _predict_batch(loaded, batch, out_dir, normalization, options, records) -> None:
+    height, width = batch[0][1].shape
+    padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])
+    x = data.normalize(padded, normalization.mean, normalization.std)
+    missing = options.batch_size - len(batch)  # pad the batch: one compiled shape per size
+    x = np.concatenate([x, np.zeros((missing, *x.shape[1:]), x.dtype)]) if missing > 0 else x
+    found = _detect_cropped(
+        loaded.variables,
+        jnp.asarray(x),
+        model=loaded.model,
+        height=height,
+        width=width,
+        options=options,
+    )
+    found = jax.tree.map(np.asarray, found)
+    for index, (path, image, warning) in enumerate(batch):
+        record = image_record(path, found, index, warning)
+        if options.overlays:
+            name = overlay_name(path)
+            write_overlay(out_dir / "overlays" / name, image, found.masks[index], record)
+            record["overlay"] = str(Path("overlays") / name)
+        records.write(json.dumps(record) + "\n")
+
+
+def write_summaries(out_dir: Path) -> None:
+    """``defects.json`` (all records) and ``defects.csv`` (a row per defect, and per image
+    without defects or with an error) from ``defects.jsonl``."""
+    lines = (out_dir / RECORDS_FILE).read_text().splitlines()
+    records = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[record["file"]] = record  # a re-run's record replaces an older one
+    (out_dir / "defects.json").write_text(json.dumps(list(records.values()), indent=2) + "\n")
+    columns = ["file", "verdict", "x1", "y1", "x2", "y2", "area", "score", "error"]
+    with (out_dir / "defects.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        for record in records.values():
+            base = {"file": record["file"], "verdict": record.get("verdict", "ERROR")}
+            if "error" in record:
+                writer.writerow({**base, "error": record["error"]})
+            elif not record["defects"]:
+                writer.writerow(base)
+            for defect in record.get("defects", []):
+                x1, y1, x2, y2 = defect["box"]
+                writer.writerow(
+                    {
+                        **base,
+                        "x1": x1,
+                        "y1": y1,
+                        "x2": x2,
+                        "y2": y2,
+                        "area": defect["area"],
+                        "score": defect["score"],
+                    }
+                )
