@@ -168,12 +168,12 @@ def load_torch_checkpoint(path: str | os.PathLike, *, impl: Impl = "auto") -> tu
     return CheapNet(features=features_of(variables), impl=impl), variables
 
 
-def variables_to_state_dict(variables: Mapping) -> dict:
-    """Flax CheapNet variables -> the authors' state_dict (torch float32 tensors)."""
-    torch = _import_torch()
+def variables_to_numpy_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """Flax CheapNet variables -> the authors' tensors (float32 numpy, PyTorch layouts),
+    without ``num_batches_tracked``."""
     features = features_of(variables)
     params, stats = variables["params"], variables["batch_stats"]
-    state: dict = {}
+    state: dict[str, np.ndarray] = {}
     for block in BLOCKS:
         kernel = np.asarray(params[block]["conv"]["kernel"], np.float32)
         if block in TRANSPOSED_BLOCKS:
@@ -189,7 +189,18 @@ def variables_to_state_dict(variables: Mapping) -> dict:
             "1.running_var": stats[block]["bn"]["var"],
         }
         for name, value in entries.items():
-            state[f"{block}.{name}"] = torch.from_numpy(np.array(value, np.float32))
+            state[f"{block}.{name}"] = np.array(value, np.float32)
+    return state
+
+
+def variables_to_state_dict(variables: Mapping) -> dict:
+    """Flax CheapNet variables -> the authors' state_dict (torch float32 tensors)."""
+    torch = _import_torch()
+    state = {
+        key: torch.from_numpy(value)
+        for key, value in variables_to_numpy_state_dict(variables).items()
+    }
+    for block in BLOCKS:
         state[f"{block}.1.num_batches_tracked"] = torch.tensor(0, dtype=torch.int64)
     return state
 

@@ -1,0 +1,175 @@
+"""Export a checkpoint for deployment: ONNX, StableHLO (jax.export) or the authors' torch format.
+
+    python -m cheapnet_jax.export --checkpoint runs/demo --format onnx --out cheapnet.onnx
+
+- ``onnx``: a graph written directly with `onnx.helper` from the authors' tensor layout (Conv,
+  ConvTranspose with groups, BatchNormalization, LeakyRelu, Concat, Sigmoid); input ``x``
+  NCHW float32 ``[batch, 1, H, W]`` normalised, output ``probabilities`` ``[batch, 1, H, W]``;
+  the batch dimension is dynamic. Runs in ONNX Runtime.
+- ``stablehlo``: a serialized `jax.export` artifact of ``x [batch, H, W, 1] -> probabilities``
+  with the weights baked in and a symbolic batch dimension; `load_stablehlo` reloads it and runs
+  it without the model code.
+- ``torch``: ``{"CheapNet": state_dict}`` that the authors' code loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cheapnet_jax.model import CheapNet
+from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
+
+ONNX_OPSET = 17
+# Each decoder/output block reads the concatenation of a skip connection and the previous block.
+_INPUTS = {
+    "encoder1": ["x"],
+    "encoder2": ["encoder1"],
+    "encoder3": ["encoder2"],
+    "encoder4": ["encoder3"],
+    "bottleneck": ["encoder4"],
+    "decoder1": ["bottleneck"],
+    "decoder2": ["encoder4", "decoder1"],
+    "decoder3": ["encoder3", "decoder2"],
+    "decoder4": ["encoder2", "decoder3"],
+    "output": ["encoder1", "decoder4"],
+}
+
+
+def to_onnx(variables: Mapping, image_size: int = 512):
+    """An `onnx.ModelProto` of CheapNet with these variables (batch dimension dynamic)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cheapnet_jax.torch_import import variables_to_numpy_state_dict
+
+    g = features_of(variables)
+    state = variables_to_numpy_state_dict(variables)
+    nodes, initializers = [], []
+
+    def constant(name: str, array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+        return name
+
+    for block in BLOCKS:
+        sources = _INPUTS[block]
+        source = sources[0]
+        if len(sources) > 1:
+            source = f"{block}_in"
+            nodes.append(helper.make_node("Concat", sources, [source], axis=1))
+        weight = constant(f"{block}.0.weight", state[f"{block}.0.weight"])
+        bias = constant(f"{block}.0.bias", state[f"{block}.0.bias"])
+        conv_out = f"{block}_conv"
+        if block in TRANSPOSED_BLOCKS:
+            nodes.append(
+                helper.make_node(
+                    "ConvTranspose",
+                    [source, weight, bias],
+                    [conv_out],
+                    group=g,
+                    kernel_shape=[3, 3],
+                    strides=[2, 2],
+                    pads=[1, 1, 1, 1],
+                    output_padding=[1, 1],
+                )
+            )
+        else:
+            k = state[f"{block}.0.weight"].shape[-1]
+            stride = 1 if block in ("encoder1", "output") else 2
+            groups = 1 if block in ("encoder1", "output") else g
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    [source, weight, bias],
+                    [conv_out],
+                    group=groups,
+                    kernel_shape=[k, k],
+                    strides=[stride, stride],
+                    pads=[k // 2] * 4,
+                )
+            )
+        bn_inputs = [
+            conv_out,
+            *(
+                constant(f"{block}.1.{n}", state[f"{block}.1.{n}"])
+                for n in ("weight", "bias", "running_mean", "running_var")
+            ),
+        ]
+        nodes.append(
+            helper.make_node("BatchNormalization", bn_inputs, [f"{block}_bn"], epsilon=1e-5)
+        )
+        nodes.append(helper.make_node("LeakyRelu", [f"{block}_bn"], [block], alpha=0.2))
+    nodes.append(helper.make_node("Sigmoid", ["output"], ["probabilities"]))
+    shape = ["batch", 1, image_size, image_size]
+    graph = helper.make_graph(
+        nodes,
+        f"CheapNet_G{g}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, shape)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def to_stablehlo(model: CheapNet, variables: Mapping, image_size: int = 512) -> bytes:
+    """Serialized `jax.export` of ``x [batch, H, W, 1] -> probabilities``, weights baked in."""
+    weights = jax.tree.map(jnp.asarray, variables)
+
+    def probabilities(x: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(model.apply(weights, x, train=False))
+
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, image_size, image_size, 1), jnp.float32)
+    return bytes(jax.export.export(jax.jit(probabilities))(spec).serialize())
+
+
+def load_stablehlo(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
+    """The exported function, callable on ``[batch, H, W, 1]`` float32 input."""
+    exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+    return exported.call
+
+
+def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512) -> Path:
+    """Write ``checkpoint`` (authors' .pkl or a workdir) as ``fmt`` to ``out``."""
+    from cheapnet_jax.evaluation import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        out_path.write_bytes(to_onnx(loaded.variables, image_size).SerializeToString())
+    elif fmt == "stablehlo":
+        reference = CheapNet(loaded.model.features, impl="lax")  # portable to any backend
+        out_path.write_bytes(to_stablehlo(reference, loaded.variables, image_size))
+    elif fmt == "torch":
+        from cheapnet_jax.torch_import import save_torch_checkpoint
+
+        save_torch_checkpoint(loaded.variables, out_path)
+    else:
+        raise ValueError(f"format must be onnx, stablehlo or torch, got {fmt!r}")
+    return out_path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="authors' .pkl or a training workdir")
+    parser.add_argument("--format", required=True, choices=["onnx", "stablehlo", "torch"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--image-size", type=int, default=512, help="H = W of the input")
+    args = parser.parse_args(argv)
+    path = export_checkpoint(args.checkpoint, args.format, args.out, args.image_size)
+    print(f"wrote {path} ({args.format}, {path.stat().st_size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
