@@ -25,7 +25,7 @@ from cheapnet_jax.training import AXIS, create_state, make_train_step
 devices, features, size, batch, runs = (int(v) for v in sys.argv[1:6])
 model = CheapNet(features, bn_axis_name=AXIS)
 optimizer = optax.adam(0.01)
-state = create_state(model, optimizer, jax.random.key(0), size)
+state = create_state(model, optimizer, jax.random.key(0))
 step = jax.pmap(make_train_step(model, optimizer), axis_name=AXIS, in_axes=(None, 0, 0),
                 out_axes=(None, None), devices=jax.devices()[:devices])
 rng = np.random.default_rng(0)

@@ -124,9 +124,9 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
 
 
 def create_state(
-    model: CheapNet, optimizer: optax.GradientTransformation, rng: jax.Array, image_size: int
+    model: CheapNet, optimizer: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
-    del image_size  # the parameters do not depend on it
+    """Fresh parameters and BatchNorm statistics (any image size), optimizer state, step 0."""
     variables = init_variables(model, rng)
     return TrainState(
         step=jnp.array(0, jnp.int32),
@@ -362,7 +362,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
     optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
-    state = create_state(model, optimizer, jax.random.key(config.seed), config.image_size)
+    state = create_state(model, optimizer, jax.random.key(config.seed))
 
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     restored = checkpoints.restore_latest(state)

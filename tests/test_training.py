@@ -62,7 +62,7 @@ def test_one_and_eight_devices_take_the_same_step():
     with jax.enable_x64(True):
         model = CheapNet(3, bn_axis_name=AXIS)
         optimizer = optax.adam(0.01)
-        state = create_state(model, optimizer, jax.random.key(1), 32)
+        state = create_state(model, optimizer, jax.random.key(1))
         state = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float64)), state)
         x, masks = random_batch(8, 32)
         results = []
