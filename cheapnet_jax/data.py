@@ -79,23 +79,42 @@ def list_dagm_samples(folder: str | os.PathLike) -> list[DagmSample]:
     return samples
 
 
-def read_grayscale_png(path: str | os.PathLike) -> np.ndarray:
-    """An 8-bit grayscale image as uint8 ``[H, W]``; DataError for anything else."""
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def load_image(
+    path: str | os.PathLike, *, convert_to_grayscale: bool = False
+) -> tuple[np.ndarray, str | None]:
+    """An image as uint8 grayscale ``[H, W]`` and a warning, or DataError naming the file.
+
+    8-bit grayscale is read as is. Other 8-bit modes (colour, palette, alpha) are converted
+    with a warning when ``convert_to_grayscale``, else rejected; more than 8 bits is always
+    rejected (how to scale it down is the user's call).
+    """
     path = Path(path)
     try:
         with Image.open(path) as image:
             mode = image.mode
+            warning = None
             if mode != "L":
-                raise DataError(
-                    f"{path}: image mode {mode!r} ({_describe_mode(mode)}); expected 8-bit "
-                    "grayscale ('L'): convert it first, e.g. PIL's Image.convert('L')"
-                )
+                if not convert_to_grayscale or mode in HIGH_BIT_DEPTH_MODES:
+                    raise DataError(
+                        f"{path}: image mode {mode!r} ({_describe_mode(mode)}); expected 8-bit "
+                        "grayscale ('L'): convert it first, e.g. PIL's Image.convert('L')"
+                    )
+                warning = f"converted from mode {mode!r} to 8-bit grayscale"
+                image = image.convert("L")
             pixels = np.asarray(image, dtype=np.uint8)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
-    return pixels
+    return pixels, warning
+
+
+def read_grayscale_png(path: str | os.PathLike) -> np.ndarray:
+    """An 8-bit grayscale image as uint8 ``[H, W]``; DataError for anything else."""
+    return load_image(path)[0]
 
 
 def _describe_mode(mode: str) -> str:

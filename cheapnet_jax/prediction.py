@@ -26,12 +26,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from cheapnet_jax import data
 from cheapnet_jax.detection import detections_from_probabilities
-from cheapnet_jax.evaluation import LoadedModel, Normalization
+from cheapnet_jax.evaluation import LoadedModel, Normalization, pad_batch
 from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, inference_logits
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -70,21 +70,7 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
 
 def read_image(path: Path) -> tuple[np.ndarray, str | None]:
     """uint8 grayscale ``[H, W]`` and a warning (colour converted); DataError when unusable."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise data.DataError(f"{path}: {mode} image (more than 8 bits): convert it first")
-            warning = None
-            if mode != "L":
-                warning = f"converted from mode {mode!r} to 8-bit grayscale"
-                image = image.convert("L")
-            return np.asarray(image, np.uint8), warning
-    except data.DataError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise data.DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+    return data.load_image(path, convert_to_grayscale=True)
 
 
 def pad_to_multiple(image: np.ndarray) -> np.ndarray:
@@ -232,8 +218,7 @@ def _predict_batch(loaded, batch, out_dir, normalization, options, records) -> N
     height, width = batch[0][1].shape
     padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])
     x = data.normalize(padded, normalization.mean, normalization.std)
-    missing = options.batch_size - len(batch)  # pad the batch: one compiled shape per size
-    x = np.concatenate([x, np.zeros((missing, *x.shape[1:]), x.dtype)]) if missing > 0 else x
+    x = pad_batch(x, options.batch_size)  # one compiled shape per image size
     found = _detect_cropped(
         loaded.variables,
         jnp.asarray(x),
