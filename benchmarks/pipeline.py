@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/pipeline.py [--repeat 5] [--json out/pipeline.json]
 
 Measures, on the real DAGM samples in ../shared when present (else synthetic PNGs written to a
-temporary DAGM folder): PNG decoding of image + label (`data.iterate_batches`, one thread),
-predict.py's decoding with its two threads, and training's in-memory batch preparation
-(normalise + shard for 8 devices).
+temporary DAGM folder): PNG decoding of image + label with one and two threads (`data.load_samples`,
+which reads a training split), evaluate.py's batches (`data.iterate_batches`), predict.py's
+decoding, and training's in-memory batch preparation (normalise + shard for 8 devices).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +38,33 @@ def images_per_second(run, images: int, repeat: int) -> float:
     return images / best
 
 
-def decode_threaded(paths: list[Path]) -> list:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(read_image, paths))
-
-
 def measure(folder: Path, repeat: int) -> list[dict]:
-    samples = data.list_dagm_samples(folder)
+    # Each pass reads the folder's files four times over, so that thread start-up is amortised.
+    samples = data.list_dagm_samples(folder) * 4
     paths = [s.image_path for s in samples]
-    images, masks = data.load_samples(samples)
+    images, masks = data.load_samples(samples[:8])
     order = np.arange(len(images))
     rows = [
         {
-            "stage": "decode image + label PNG (1 thread)",
+            "stage": f"decode image + label PNG ({workers} thread{'s' * (workers > 1)})",
             "img/s": images_per_second(
-                lambda: list(data.iterate_batches(samples, 8)), len(samples), repeat
+                lambda workers=workers: data.load_samples(samples, workers), len(samples), repeat
+            ),
+        }
+        for workers in (1, 2)
+    ]
+    rows += [
+        {
+            "stage": "evaluate.py batches of 2 (2 threads)",
+            "img/s": images_per_second(
+                lambda: list(data.iterate_batches(samples, 2)), len(samples), repeat
             ),
         },
         {
             "stage": "predict.py decode (2 threads)",
-            "img/s": images_per_second(lambda: decode_threaded(paths), len(paths), repeat),
+            "img/s": images_per_second(
+                lambda: list(data.threaded_map(read_image, paths)), len(paths), repeat
+            ),
         },
         {
             "stage": "training batch: normalise + shard (in memory)",

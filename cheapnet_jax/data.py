@@ -11,15 +11,25 @@ rejected (not converted): DAGM is 8-bit grayscale, so anything else means the wr
 
 from __future__ import annotations
 
+import collections
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from cheapnet_jax.model import SIZE_MULTIPLE
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DECODE_THREADS = 2
+"""Threads that decode PNGs ahead of the device (PIL releases the GIL while decoding)."""
 
 CLASS6_MEAN = 0.348
 """The authors' normalisation mean of pixel/255 (their Class-6 value, used for every class)."""
@@ -162,18 +172,44 @@ def normalize(images: np.ndarray, mean: float = CLASS6_MEAN, std: float = CLASS6
     return ((scaled - np.float32(mean)) / np.float32(std))[..., None]
 
 
+def threaded_map(
+    function: Callable[[T], R], items: Iterable[T], workers: int = DECODE_THREADS, ahead: int = 0
+) -> Iterator[R]:
+    """``function(item)`` for every item, in order, computed by ``workers`` threads.
+
+    At most ``ahead`` results (default ``2 * workers``) are computed before the consumer asks
+    for them, so memory stays bounded however long ``items`` is (`Executor.map` would submit
+    everything at once). An exception raised by ``function`` is raised here, in order.
+    """
+    ahead = ahead or 2 * workers
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: collections.deque[Future[R]] = collections.deque()
+        for item in items:
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+            pending.append(pool.submit(function, item))
+        while pending:
+            yield pending.popleft().result()
+
+
+def _read_chunk(samples: list[DagmSample]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [read_sample(sample) for sample in samples]
+
+
 def iterate_batches(
-    samples: list[DagmSample], batch_size: int
+    samples: list[DagmSample], batch_size: int, workers: int = DECODE_THREADS
 ) -> Iterator[tuple[list[DagmSample], np.ndarray, np.ndarray]]:
     """Yield ``(samples, images uint8 [b, H, W], masks bool [b, H, W])``, b <= batch_size.
 
-    Only one batch is in memory at a time. All images of a batch must have the same size.
+    ``workers`` threads decode up to ``workers`` batches ahead while the caller uses the current
+    one, so memory holds at most ``workers + 1`` batches.
+    All images of a batch must have the same size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        pairs = [read_sample(sample) for sample in chunk]
+    chunks = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
+    decoded = threaded_map(_read_chunk, chunks, workers, ahead=workers)
+    for chunk, pairs in zip(chunks, decoded, strict=True):
         shapes = {image.shape for image, _ in pairs}
         if len(shapes) > 1:
             raise DataError(
@@ -209,9 +245,12 @@ def paper_split(
     return splits
 
 
-def load_samples(samples: list[DagmSample]) -> tuple[np.ndarray, np.ndarray]:
+def load_samples(
+    samples: list[DagmSample], workers: int = DECODE_THREADS, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """All images and masks of ``samples`` in memory: uint8 [N, H, W] and bool [N, H, W]."""
-    pairs = [read_sample(sample) for sample in samples]
+    decoded = threaded_map(read_sample, samples, workers, ahead=4 * workers)
+    pairs = list(tqdm(decoded, total=len(samples), desc="decode", unit="img", disable=not progress))
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) != 1:
         raise DataError(f"images of several sizes {sorted(shapes)}: training needs one size")

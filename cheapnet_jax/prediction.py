@@ -18,7 +18,6 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -195,11 +194,10 @@ def predict_files(
     todo = [p for p in paths if str(p) not in done]
     counts = {"images": 0, "failed": 0, "skipped": len(paths) - len(todo)}
     progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
-    with (
-        ThreadPoolExecutor(max_workers=2) as pool,  # decoding overlaps the device's work
-        (out_dir / RECORDS_FILE).open("a") as records,
-    ):
-        for batch, errors in _batches(pool.map(_decode, todo), options.batch_size):
+    # Decoding threads stay a bounded distance ahead of the device's work.
+    decoded = data.threaded_map(_decode, todo, ahead=2 * options.batch_size)
+    with (out_dir / RECORDS_FILE).open("a") as records:
+        for batch, errors in _batches(decoded, options.batch_size):
             for path, error in errors:
                 print(f"error: {error}", file=sys.stderr)
                 records.write(json.dumps({"file": str(path), "error": error}) + "\n")

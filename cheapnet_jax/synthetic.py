@@ -1,13 +1,27 @@
-"""DAGM-like synthetic images: a textured background with elliptic defects and weak ellipse labels.
+"""DAGM-like synthetic images: ten statistical texture families with elliptic defects.
 
-A first, small generator (smoothed-noise textures, one intensity-shifted ellipse per defective
-image) that writes folders in the DAGM layout, so that `evaluate.py` runs with nothing
-downloaded. Deterministic by seed; any size that is a multiple of 16.
+DAGM 2007's ten classes are statistical textures (noise fields, gratings, blotches at several
+scales) whose defects are patches of another texture or intensity, labelled by coarse
+("weak") ellipses. This module draws images in that spirit so that training and evaluation
+run with nothing downloaded:
+
+- ten texture families (`FAMILIES`), each a zero-mean, unit-variance field of one kind, shown
+  at a random brightness and contrast;
+- a defective image carries one random ellipse; inside its core the surface is darker and
+  has the texture of another family (a different texture *and* intensity, like most DAGM
+  defects); the label is the whole ellipse, a little larger than the visible defect;
+- deterministic by seed; any size that is a multiple of 16. Texture scales are in pixels (as
+  in DAGM, where 512x512 images show the texture at its native scale); ellipse sizes are a
+  fraction of the image.
+
+`write_dagm_folder` (or ``python -m cheapnet_jax.synthetic --out DIR``) writes the test split in
+the DAGM layout (`NNNN.PNG`, `Label/Labels.txt`, `Label/NNNN_label.PNG`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,29 +30,151 @@ from scipy import ndimage
 
 from cheapnet_jax.data import LABELS_FILE, check_image_size
 
+Texture = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def _standardized(field: np.ndarray) -> np.ndarray:
+    return (field - field.mean()) / (field.std() + 1e-12)
+
+
+def _smoothed_noise(rng: np.random.Generator, size: int, sigma) -> np.ndarray:
+    return _standardized(ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma))
+
+
+def _coordinates(size: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.mgrid[:size, :size].astype(np.float64)
+    return rows, cols
+
+
+def fine_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Fine-grained noise, correlation length about one pixel."""
+    return _smoothed_noise(rng, size, rng.uniform(0.7, 1.5))
+
+
+def blotches(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Large soft blotches over a faint grain."""
+    return _standardized(
+        _smoothed_noise(rng, size, rng.uniform(4.0, 8.0)) + 0.3 * _smoothed_noise(rng, size, 1.0)
+    )
+
+
+def multiscale_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Three octaves of noise, as in a cloudy fabric."""
+    octaves = [_smoothed_noise(rng, size, sigma) for sigma in (1.0, 3.0, 9.0)]
+    weights = rng.uniform(0.4, 1.0, 3)
+    return _standardized(sum(w * o for w, o in zip(weights, octaves, strict=True)))
+
+
+def grating(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A sinusoidal grating at a random angle and period, with grain."""
+    rows, cols = _coordinates(size)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(6.0, 14.0)
+    phase = 2 * np.pi * (cols * np.cos(angle) + rows * np.sin(angle)) / period
+    return _standardized(np.sin(phase + rng.uniform(0, 2 * np.pi)) + 0.4 * fine_noise(rng, size))
+
+
+def weave(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Two crossed gratings, like woven threads."""
+    rows, cols = _coordinates(size)
+    period = rng.uniform(8.0, 16.0)
+    threads = np.sin(2 * np.pi * cols / period) * np.sin(2 * np.pi * rows / period)
+    return _standardized(threads + 0.3 * fine_noise(rng, size))
+
+
+def streaks(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Noise stretched along one axis: brushed metal."""
+    along, across = rng.uniform(6.0, 12.0), rng.uniform(0.6, 1.2)
+    sigma = (across, along) if rng.random() < 0.5 else (along, across)
+    return _smoothed_noise(rng, size, sigma)
+
+
+def spots(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Scattered soft dots on a calm background."""
+    centres = rng.random((size, size)) < rng.uniform(0.01, 0.03)
+    dots = ndimage.gaussian_filter(centres.astype(np.float64), rng.uniform(1.2, 2.0))
+    return _standardized(_standardized(dots) + 0.3 * _smoothed_noise(rng, size, 2.0))
+
+
+def rings(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Concentric rings around a centre that may lie outside the image: turned surfaces."""
+    rows, cols = _coordinates(size)
+    centre = rng.uniform(-0.5 * size, 1.5 * size, 2)
+    radius = np.hypot(rows - centre[0], cols - centre[1])
+    period = rng.uniform(6.0, 12.0)
+    return _standardized(np.sin(2 * np.pi * radius / period) + 0.4 * fine_noise(rng, size))
+
+
+def tiles(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Blocks of random brightness, softened: a cobbled or pressed surface."""
+    cell = int(rng.integers(6, 14))
+    cells = rng.standard_normal((size // cell + 2, size // cell + 2))
+    blocks = np.kron(cells, np.ones((cell, cell)))[:size, :size]
+    return _standardized(ndimage.gaussian_filter(blocks, 1.0) + 0.3 * fine_noise(rng, size))
+
+
+def speckle(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Skewed (exponential) grain: a few bright specks on a dark field."""
+    grains = rng.exponential(1.0, (size, size)) ** 2
+    return _standardized(ndimage.gaussian_filter(grains, rng.uniform(0.6, 1.0)))
+
+
+FAMILIES: dict[str, Texture] = {
+    texture.__name__: texture
+    for texture in (
+        fine_noise,
+        blotches,
+        multiscale_noise,
+        grating,
+        weave,
+        streaks,
+        spots,
+        rings,
+        tiles,
+        speckle,
+    )
+}
+
+
+def _ellipse_coordinates(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(u, v): coordinates normalised by a random ellipse's axes; inside means u^2 + v^2 <= 1."""
+    rows, cols = _coordinates(size)
+    centre = rng.uniform(0.2 * size, 0.8 * size, 2)
+    axes = rng.uniform(0.04 * size, 0.15 * size, 2)
+    angle = rng.uniform(0, np.pi)
+    dy, dx = rows - centre[0], cols - centre[1]
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / axes[0]
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / axes[1]
+    return u, v
+
 
 def make_sample(
-    rng: np.random.Generator, size: int, defective: bool
+    rng: np.random.Generator, size: int, defective: bool, family: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(image uint8 [size, size], mask bool [size, size])`` of one synthetic sample."""
+    """``(image uint8 [size, size], mask bool [size, size])`` of one synthetic sample.
+
+    ``family`` indexes `FAMILIES`; None draws one.
+    """
     check_image_size("synthetic image", (size, size))
-    sigma = rng.uniform(1.0, 4.0)
-    texture = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
-    texture = texture / (texture.std() + 1e-12)
-    image = 110.0 + 25.0 * texture
+    names = list(FAMILIES)
+    if family is None:
+        family = int(rng.integers(len(names)))
+    brightness, contrast = rng.uniform(90.0, 150.0), rng.uniform(15.0, 28.0)
+    image = brightness + contrast * FAMILIES[names[family]](rng, size)
     mask = np.zeros((size, size), bool)
     if defective:
-        rows, cols = np.mgrid[:size, :size]
-        center = rng.uniform(0.2 * size, 0.8 * size, 2)
-        axes = rng.uniform(0.04 * size, 0.15 * size, 2)
-        angle = rng.uniform(0, np.pi)
-        dy, dx = rows - center[0], cols - center[1]
-        u = dx * np.cos(angle) + dy * np.sin(angle)
-        v = -dx * np.sin(angle) + dy * np.cos(angle)
-        mask = (u / axes[0]) ** 2 + (v / axes[1]) ** 2 <= 1.0
-        # The defect is a darker, smoother patch that fills most of its (weak) ellipse label.
-        core = (u / (0.8 * axes[0])) ** 2 + (v / (0.8 * axes[1])) ** 2 <= 1.0
-        image = np.where(core, image - 45.0 + 8.0 * texture, image)
+        u, v = _ellipse_coordinates(rng, size)
+        radius2 = u**2 + v**2
+        mask = radius2 <= 1.0
+        # The visible defect fills most of its weak label: a darker patch of another family's
+        # texture whose edge fades over a few pixels.
+        other = (family + int(rng.integers(1, len(names)))) % len(names)
+        defect = (
+            brightness
+            - rng.uniform(50.0, 80.0)
+            + 0.4 * contrast * FAMILIES[names[other]](rng, size)
+        )
+        weight = np.clip((1.0 - radius2) / (1.0 - 0.8**2), 0.0, 1.0)
+        image = (1.0 - weight) * image + weight * defect
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
@@ -68,9 +204,29 @@ def make_split(
     """``(images uint8 [count, size, size], masks bool [count, size, size])`` of one split.
 
     Splits draw from disjoint seeds, so train, validation and test never share an image.
+    Families take turns (image i has family i mod 10), so every split of ten or more images
+    holds every family.
     """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
-    pairs = [make_sample(rng, size, defective=True) for _ in range(count)]
+    pairs = [make_sample(rng, size, defective=True, family=i % len(FAMILIES)) for i in range(count)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m cheapnet_jax.synthetic --out DIR``: write synthetic images as a DAGM folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, help="folder to write (DAGM layout)")
+    parser.add_argument("--count", type=int, default=10, help="number of images (default 10)")
+    parser.add_argument("--size", type=int, default=512, help="image size (default 512)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    folder = write_dagm_folder(args.out, args.count, args.size, args.seed)
+    print(f"wrote {args.count} synthetic {args.size}x{args.size} images to {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -105,8 +105,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
         description = f"synthetic {config.image_size}x{config.image_size}"
     else:
         splits = data.paper_split(config.data, list(config.classes), seed=config.seed)
-        train = data.load_samples(splits["train"])
-        validation = data.load_samples(splits["validation"])
+        train = data.load_samples(splits["train"], progress=config.progress)
+        validation = data.load_samples(splits["validation"], progress=config.progress)
         description = f"DAGM {config.data} classes {list(config.classes)}"
     mean, std = data.normalization_statistics(train[0])
     return Dataset(*train, *validation, mean=mean, std=std, description=description)
@@ -451,14 +451,18 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch):
         disable=not config.progress,
         leave=False,
     )
-    start = time.perf_counter()
-    for index in progress:
+
+    def prepare(index: int) -> tuple[np.ndarray, np.ndarray]:
         chosen = data.host_share(order[index * config.batch_size : (index + 1) * config.batch_size])
         x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std)
         y = dataset.train_masks[chosen][..., None]
-        state, out = train_step(
-            state, data.shard_batch(x, config.devices), data.shard_batch(y, config.devices)
-        )
+        return data.shard_batch(x, config.devices), data.shard_batch(y, config.devices)
+
+    start = time.perf_counter()
+    # One thread prepares the next batches while the device runs the current step.
+    batches = data.threaded_map(prepare, range(steps_per_epoch), workers=1, ahead=2)
+    for index, (x, y) in zip(progress, batches, strict=True):
+        state, out = train_step(state, x, y)
         loss = float(out["loss"])
         if not math.isfinite(loss):
             raise TrainingDivergedError(

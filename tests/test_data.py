@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +15,7 @@ from cheapnet_jax.data import (
     normalize,
     read_grayscale_png,
     read_sample,
+    threaded_map,
 )
 from cheapnet_jax.synthetic import write_dagm_folder
 
@@ -131,3 +134,30 @@ def test_host_shares_cover_a_global_batch_once():
     assert shard_batch(np.zeros((8, 4, 4, 1)), 4).shape == (4, 2, 4, 4, 1)
     with pytest.raises(ValueError, match="does not split over 3 hosts"):
         host_share(batch, 0, 3)
+
+
+def test_threaded_map_keeps_order_and_stays_a_bounded_distance_ahead():
+    started = []
+
+    def slow_square(value):
+        started.append(value)
+        time.sleep(0.001 * (value % 3))  # finishing out of order must not reorder results
+        return value * value
+
+    results = threaded_map(slow_square, iter(range(100)), workers=3, ahead=5)
+    assert [next(results) for _ in range(10)] == [v * v for v in range(10)]
+    time.sleep(0.05)
+    assert len(started) <= 10 + 5  # never more than `ahead` items beyond what was consumed
+    assert list(results) == [v * v for v in range(10, 100)]
+
+
+def test_threaded_map_raises_the_workers_error_in_order():
+    def fail_on_three(value):
+        if value == 3:
+            raise DataError(f"item {value} is bad")
+        return value
+
+    results = threaded_map(fail_on_three, range(10), workers=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(DataError, match="item 3 is bad"):
+        next(results)

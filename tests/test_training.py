@@ -16,7 +16,7 @@ import optax
 import pytest
 from conftest import REPO_ROOT, checkpoint_path
 
-from cheapnet_jax import CheapNet
+from cheapnet_jax import CheapNet, synthetic
 from cheapnet_jax.data import shard_batch
 from cheapnet_jax.torch_import import state_dict_to_variables
 from cheapnet_jax.training import (
@@ -285,8 +285,9 @@ def test_cli_trains_m_on_eight_devices_and_evaluate_reads_it(tmp_path):
 
 
 def test_cheapnet_s_learns_the_synthetic_defects(tmp_path):
-    """About 40 s of CPU: validation defect IoU goes from about 0.03 (untrained) to about 0.65;
-    the floor leaves room for platform differences."""
+    """About 40 s of CPU on the ten texture families: validation defect IoU goes from about 0.16
+    after the first epoch to about 0.59 after 40 (chance, marking every pixel, is about 0.02);
+    the floors leave room for platform differences."""
     config = small_config(
         tmp_path,
         epochs=40,
@@ -298,5 +299,8 @@ def test_cheapnet_s_learns_the_synthetic_defects(tmp_path):
     figures = train_and_evaluate(config)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]["validation"]["iou_defect"]
-    assert first < 0.1
-    assert figures["validation"]["iou_defect"] >= 0.4
+    last = figures["validation"]["iou_defect"]
+    _, validation_masks = synthetic.make_split("validation", 16, 128, config.seed)
+    assert validation_masks.mean() < 0.05  # the IoU of marking every pixel defective
+    assert last >= 0.4
+    assert last >= first + 0.2
