@@ -22,6 +22,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.5, help="defect if probability > it")
     parser.add_argument("--min-area", type=int, default=0, help="drop smaller defects (pixels)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--decode-threads", type=int, default=2, help="threads decoding images ahead (default 2)"
+    )
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     parser.add_argument(
         "--normalization",
@@ -31,7 +34,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="skip images already recorded")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--decode-threads", args.decode_threads),
+    ):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -49,6 +59,7 @@ def main(argv: list[str]) -> int:
         threshold=args.threshold,
         min_area=args.min_area,
         batch_size=args.batch_size,
+        decode_threads=args.decode_threads,
         overlays=not args.no_overlays,
         resume=args.resume,
         progress=not args.no_progress,

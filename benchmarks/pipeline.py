@@ -75,6 +75,7 @@ def measure(folder: Path, repeat: int) -> list[dict]:
     ]
     for row in rows:
         row["images"] = f"{len(samples)} x {images.shape[1]}x{images.shape[2]}"
+    rows[-1]["images"] = f"batches of 8 x {images.shape[1]}x{images.shape[2]}"
     del masks
     return rows
 

@@ -44,6 +44,7 @@ class PredictOptions:
     threshold: float = 0.5
     min_area: int = 0
     batch_size: int = 8
+    decode_threads: int = data.DECODE_THREADS
     max_components: int = 256
     overlays: bool = True
     resume: bool = False
@@ -195,7 +196,7 @@ def predict_files(
     counts = {"images": 0, "failed": 0, "skipped": len(paths) - len(todo)}
     progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
     # Decoding threads stay a bounded distance ahead of the device's work.
-    decoded = data.threaded_map(_decode, todo, ahead=2 * options.batch_size)
+    decoded = data.threaded_map(_decode, todo, options.decode_threads, ahead=2 * options.batch_size)
     with (out_dir / RECORDS_FILE).open("a") as records:
         for batch, errors in _batches(decoded, options.batch_size):
             for path, error in errors:

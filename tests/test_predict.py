@@ -54,7 +54,15 @@ def expected_defects(image: np.ndarray) -> list[list[int]]:
 
 def test_predict_folder_end_to_end(inputs, tmp_path):
     out = tmp_path / "out"
-    result = run_predict("--checkpoint", str(checkpoint_path(2)), str(inputs), "--out", str(out))
+    result = run_predict(
+        "--checkpoint",
+        str(checkpoint_path(2)),
+        str(inputs),
+        "--out",
+        str(out),
+        "--decode-threads",
+        "3",
+    )
     assert result.returncode == 1, result.stderr  # one file failed
     assert "broken.png: cannot decode image" in result.stderr
     records = {file_name(r["file"]): r for r in json.loads((out / "defects.json").read_text())}
@@ -96,3 +104,10 @@ def test_resume_skips_finished_images(inputs, tmp_path):
     records = json.loads((out / "defects.json").read_text())
     files = {r["file"] for r in records if "error" not in r}
     assert files == {str(p) for p in inputs.iterdir()}
+
+
+def test_thread_and_batch_counts_must_be_positive(tmp_path):
+    result = run_predict(
+        "--checkpoint", "x.pkl", str(tmp_path), "--out", str(tmp_path), "--decode-threads", "0"
+    )
+    assert result.returncode == 2 and "--decode-threads must be >= 1, got 0" in result.stderr
