@@ -178,10 +178,22 @@ def make_sample(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+
+
 def write_dagm_folder(
-    folder: str | os.PathLike, count: int = 8, size: int = 128, seed: int = 0, class_id: int = 0
+    folder: str | os.PathLike,
+    count: int = 8,
+    size: int = 128,
+    seed: int = 0,
+    class_id: int = 0,
+    defect_free: int = 0,
 ) -> Path:
-    """Write the ``count`` images of the test split in the DAGM layout; returns the folder."""
+    """Write the ``count`` images of the test split in the DAGM layout; returns the folder.
+
+    ``defect_free`` more images without a defect follow them, listed in ``Labels.txt`` with
+    label ``0`` and no label file, as in DAGM.
+    """
     folder = Path(folder)
     (folder / "Label").mkdir(parents=True, exist_ok=True)
     images, masks = make_split("test", count, size, seed)
@@ -191,11 +203,13 @@ def write_dagm_folder(
         Image.fromarray(image).save(folder / f"{name}.PNG")
         Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "Label" / f"{name}_label.PNG")
         rows.append(f"{index + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
+    rng = np.random.default_rng([seed, len(SPLIT_SEEDS)])  # a stream no split uses
+    for index in range(count, count + defect_free):
+        image, _ = make_sample(rng, size, defective=False, family=index % len(FAMILIES))
+        Image.fromarray(image).save(folder / f"{index + 1:04d}.PNG")
+        rows.append(f"{index + 1}\t0\t{index + 1:04d}.PNG\t0\t0")
     (folder / LABELS_FILE).write_text("\n".join(rows) + "\n")
     return folder
-
-
-SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 
 
 def make_split(
@@ -220,12 +234,17 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder to write (DAGM layout)")
-    parser.add_argument("--count", type=int, default=10, help="number of images (default 10)")
+    parser.add_argument("--count", type=int, default=10, help="defective images (default 10)")
     parser.add_argument("--size", type=int, default=512, help="image size (default 512)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--class-id", type=int, default=0, help="first line of Labels.txt")
+    parser.add_argument("--defect-free", type=int, default=0, help="images without a defect")
     args = parser.parse_args(argv)
-    folder = write_dagm_folder(args.out, args.count, args.size, args.seed)
-    print(f"wrote {args.count} synthetic {args.size}x{args.size} images to {folder}")
+    folder = write_dagm_folder(
+        args.out, args.count, args.size, args.seed, args.class_id, args.defect_free
+    )
+    total = args.count + args.defect_free
+    print(f"wrote {total} synthetic {args.size}x{args.size} images to {folder}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The DAGM 2007 tensorflow-datasets builder, built on generated DAGM-layout folders and on the
 real samples in ../shared, read back with `as_data_source` (no TensorFlow involved).
 
-TFDS's own `DatasetBuilderTestCase` needs TensorFlow, which this project does not install:
-these tests build the dataset for real instead and compare every example with its source files.
+These build the dataset as users do (array_record) and compare every example with its source
+files; TFDS's own `DatasetBuilderTestCase` runs on the committed dummy data in
+test_dagm2007_tfds.py.
 """
 
 from __future__ import annotations
