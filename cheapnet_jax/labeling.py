@@ -180,26 +180,19 @@ class ComponentStats(NamedTuple):
 
 
 def _host_stats(labels: np.ndarray, max_components: int) -> tuple[np.ndarray, ...]:
-    """numpy twin of the device reductions: only foreground pixels are visited."""
-    batch, _, width = labels.shape
-    stats = np.zeros((batch, max_components, 5), np.int32)
-    overflow = np.zeros(batch, np.int32)
+    """numpy/scipy twin of the device reductions (`find_objects` and `bincount`, both in C)."""
+    from scipy import ndimage
+
+    stats = np.zeros((labels.shape[0], max_components, 5), np.int32)
+    overflow = np.zeros(labels.shape[0], np.int32)
     for i, label_image in enumerate(np.asarray(labels)):
-        flat = label_image.reshape(-1)
-        foreground = np.flatnonzero((flat > 0) & (flat <= max_components))
-        ids = flat[foreground] - 1
-        rows, cols = foreground // width, foreground % width
-        low = np.full((2, max_components), np.iinfo(np.int32).max, np.int64)
-        high = np.full((2, max_components), -1, np.int64)
-        for axis, coordinate in enumerate((cols, rows)):
-            np.minimum.at(low[axis], ids, coordinate)
-            np.maximum.at(high[axis], ids, coordinate)
-        area = np.bincount(ids, minlength=max_components)
-        present = area > 0
-        stats[i, present] = np.stack([low[0], low[1], high[0], high[1], area], axis=-1)[
-            present
-        ].astype(np.int32)
-        overflow[i] = max(int(flat.max(initial=0)) - max_components, 0)
+        area = np.bincount(label_image.reshape(-1), minlength=max_components + 1)
+        stats[i, :, 4] = area[1 : max_components + 1]
+        for k, box in enumerate(ndimage.find_objects(label_image, max_label=max_components)):
+            if box is not None:
+                rows, cols = box
+                stats[i, k, :4] = (cols.start, rows.start, cols.stop - 1, rows.stop - 1)
+        overflow[i] = max(len(area) - 1 - max_components, 0)
     return stats, stats[..., 4] > 0, overflow
 
 
