@@ -1,12 +1,7 @@
 """cheapnet-jax: CheapNet for defect segmentation and detection in JAX/Flax."""
 
 from cheapnet_jax.detection import Detections, detect, make_detector
-from cheapnet_jax.labeling import (
-    ComponentStats,
-    component_stats,
-    component_sums,
-    label_components,
-)
+from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
 from cheapnet_jax.model import VARIANTS, CheapNet, param_count
 from cheapnet_jax.torch_import import (
     CheckpointError,
@@ -21,7 +16,6 @@ __all__ = [
     "ComponentStats",
     "Detections",
     "component_stats",
-    "component_sums",
     "detect",
     "label_components",
     "load_torch_checkpoint",

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cheapnet_jax.labeling import Method, component_stats, component_sums, label_components
+from cheapnet_jax.labeling import Method, component_stats, label_components
 from cheapnet_jax.model import CheapNet, inference_logits
 
 
@@ -45,7 +45,12 @@ def detections_from_probabilities(
     labels, _ = label_components(masks, connectivity, method=method)
     stats, valid, overflow = component_stats(labels, max_components, method=method)
     area = stats[..., 4]
-    sums = component_sums(labels, probabilities, max_components, method=method)
+
+    def probability_sums(label_image, probability_image):
+        ids = jnp.where(label_image > max_components, 0, label_image).reshape(-1)
+        return jax.ops.segment_sum(probability_image.reshape(-1), ids, max_components + 1)[1:]
+
+    sums = jax.vmap(probability_sums)(labels, probabilities)
     scores = jnp.where(valid, sums / jnp.maximum(area, 1).astype(sums.dtype), 0)
     valid = valid & (area >= min_area)
     return Detections(probabilities, masks, labels, stats, scores, valid, overflow)

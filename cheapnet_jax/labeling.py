@@ -180,19 +180,26 @@ class ComponentStats(NamedTuple):
 
 
 def _host_stats(labels: np.ndarray, max_components: int) -> tuple[np.ndarray, ...]:
-    """numpy/scipy twin of the device reductions (`find_objects` and `bincount`, both in C)."""
-    from scipy import ndimage
-
-    stats = np.zeros((labels.shape[0], max_components, 5), np.int32)
-    overflow = np.zeros(labels.shape[0], np.int32)
+    """numpy twin of the device reductions: only foreground pixels are visited."""
+    batch, _, width = labels.shape
+    stats = np.zeros((batch, max_components, 5), np.int32)
+    overflow = np.zeros(batch, np.int32)
     for i, label_image in enumerate(np.asarray(labels)):
-        area = np.bincount(label_image.reshape(-1), minlength=max_components + 1)
-        stats[i, :, 4] = area[1 : max_components + 1]
-        for k, box in enumerate(ndimage.find_objects(label_image, max_label=max_components)):
-            if box is not None:
-                rows, cols = box
-                stats[i, k, :4] = (cols.start, rows.start, cols.stop - 1, rows.stop - 1)
-        overflow[i] = max(len(area) - 1 - max_components, 0)
+        flat = label_image.reshape(-1)
+        foreground = np.flatnonzero((flat > 0) & (flat <= max_components))
+        ids = flat[foreground] - 1
+        rows, cols = foreground // width, foreground % width
+        low = np.full((2, max_components), np.iinfo(np.int32).max, np.int64)
+        high = np.full((2, max_components), -1, np.int64)
+        for axis, coordinate in enumerate((cols, rows)):
+            np.minimum.at(low[axis], ids, coordinate)
+            np.maximum.at(high[axis], ids, coordinate)
+        area = np.bincount(ids, minlength=max_components)
+        present = area > 0
+        stats[i, present] = np.stack([low[0], low[1], high[0], high[1], area], axis=-1)[
+            present
+        ].astype(np.int32)
+        overflow[i] = max(int(flat.max(initial=0)) - max_components, 0)
     return stats, stats[..., 4] > 0, overflow
 
 
@@ -245,47 +252,3 @@ def component_stats(
 
     stats, valid, overflow = jax.vmap(single)(labels)
     return ComponentStats(stats, valid, overflow)
-
-
-def _host_sums(labels: np.ndarray, values: np.ndarray, max_components: int) -> np.ndarray:
-    """numpy twin of the device segment sums: only foreground pixels are visited."""
-    sums = np.zeros((labels.shape[0], max_components), values.dtype)
-    for i, (label_image, value_image) in enumerate(zip(labels, values, strict=True)):
-        flat = label_image.reshape(-1)
-        foreground = np.flatnonzero((flat > 0) & (flat <= max_components))
-        sums[i] = np.bincount(
-            flat[foreground] - 1,
-            weights=value_image.reshape(-1)[foreground],
-            minlength=max_components,
-        )
-    return sums
-
-
-def component_sums(
-    labels: jax.Array, values: jax.Array, max_components: int, *, method: Method = "auto"
-) -> jax.Array:
-    """``[B, K]``: the sum of ``values [B, H, W]`` over each component k (label k+1).
-
-    Divided by the areas of `component_stats`, it gives each component's mean (the detector's
-    score). Same host/device split as `component_stats`.
-    """
-    labels = jnp.asarray(labels, jnp.int32)
-    values = jnp.asarray(values)
-    if labels.shape != values.shape or labels.ndim != 3:
-        raise ValueError(
-            f"labels and values must both be [B, H, W], got {labels.shape} and {values.shape}"
-        )
-    if _resolve_method(method) == "scipy":
-        return jax.pure_callback(
-            lambda lab, val: _host_sums(lab, val, max_components),
-            jax.ShapeDtypeStruct((labels.shape[0], max_components), values.dtype),
-            labels,
-            values,
-            vmap_method="expand_dims",
-        )
-
-    def single(label_image, value_image):
-        ids = jnp.where(label_image > max_components, 0, label_image).reshape(-1)
-        return jax.ops.segment_sum(value_image.reshape(-1), ids, max_components + 1)[1:]
-
-    return jax.vmap(single)(labels, values)
