@@ -73,16 +73,31 @@ def _grouped_pointwise(x: jax.Array, kernel_tap: jax.Array, groups: int) -> jax.
     """
     in_per_group, out_features = kernel_tap.shape
     out_per_group = out_features // groups
-    if groups == 1 and in_per_group > 1:
+    if groups == 1:
         return jnp.dot(x, kernel_tap)  # a dense 1x1 mixing: a matrix product
     batch_shape = x.shape[:3]
     y = None
     for s in range(in_per_group):
         channel = x[..., s::in_per_group] if in_per_group > 1 else x  # [B, H, W, groups]
-        weights = kernel_tap[s].reshape(groups, out_per_group)
-        term = (channel[..., None] * weights).reshape(*batch_shape, out_features)
+        if out_per_group == 1:  # depthwise, and CheapNet's grouped transposed convolutions
+            term = _scale_channels(channel, kernel_tap[s])
+        else:
+            weights = kernel_tap[s].reshape(groups, out_per_group)
+            term = (channel[..., None] * weights).reshape(*batch_shape, out_features)
         y = term if y is None else y + term
     return y
+
+
+def _scale_channels(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """``x * weights`` for x ``[B, H, W, C]`` and weights ``[C]``.
+
+    Written on the rows ``[B * H, W * C]`` with the weights tiled W times, so that the weight
+    gradient is a reduction over rows W * C wide, which XLA:CPU vectorises, rather than one that
+    keeps a minor dimension of C (2 for CheapNet-S): about 2x faster training on the CPU.
+    """
+    batch, height, width, channels = x.shape
+    rows = x.reshape(batch * height, width * channels)
+    return (rows * jnp.tile(weights, width)).reshape(x.shape)
 
 
 def _shift_up_left(x: jax.Array, rows: int, cols: int) -> jax.Array:
@@ -207,6 +222,17 @@ class ConvTranspose(nn.Module):
         return phases.reshape(b, 2 * h, 2 * w, c)
 
 
+def _channel_mean(x: jax.Array) -> jax.Array:
+    """Mean over N, H, W of ``[N, H, W, C]``: over the rows ``[N * H, W * C]`` first, then W.
+
+    The same value as ``jnp.mean(x, axis=(0, 1, 2))``, but XLA:CPU vectorises a reduction over
+    rows whose minor dimension is W * C wide, not one whose kept minor dimension is C (2 for
+    CheapNet-S), about 2x faster forward and backward.
+    """
+    _, _, width, channels = x.shape
+    return jnp.mean(x.reshape(-1, width * channels), axis=0).reshape(width, channels).mean(0)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over N, H, W with PyTorch's semantics.
 
@@ -247,11 +273,11 @@ class BatchNorm(nn.Module):
         return (x - mean) * (inv_std * scale) + bias
 
     def _batch_moments(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean = jnp.mean(x, axis=(0, 1, 2))
+        mean = _channel_mean(x)
         if self.axis_name is not None:
             mean = lax.pmean(mean, self.axis_name)
         # Two passes (mean first, then squared deviations) rather than E[x^2] - E[x]^2.
-        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        var = _channel_mean(jnp.square(x - mean))
         if self.axis_name is not None:
             var = lax.pmean(var, self.axis_name)
         return mean, var
