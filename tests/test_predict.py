@@ -17,8 +17,10 @@ from PIL import Image
 from scipy import ndimage
 
 from cheapnet_jax import load_torch_checkpoint
-from cheapnet_jax.data import normalize
+from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD, normalize
 from cheapnet_jax.prediction import pad_to_multiple
+from cheapnet_jax.synthetic import write_dagm_folder
+from cheapnet_jax.training import TrainConfig, load_orbax_checkpoint, train_and_evaluate
 
 
 @pytest.fixture
@@ -38,10 +40,18 @@ def run_predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
 
-def expected_defects(image: np.ndarray) -> list[list[int]]:
-    """Boxes and areas by scipy on the mask of the network run directly (padded, cropped)."""
-    model, variables = load_torch_checkpoint(checkpoint_path(2))
-    x = normalize(pad_to_multiple(image)[None])
+def expected_defects(
+    image: np.ndarray,
+    model=None,
+    variables=None,
+    mean: float = CLASS6_MEAN,
+    std: float = CLASS6_STD,
+) -> list[list[int]]:
+    """Boxes and areas by scipy on the mask of the network run directly (padded, cropped);
+    the authors' G=2 checkpoint unless a model is given."""
+    if model is None:
+        model, variables = load_torch_checkpoint(checkpoint_path(2))
+    x = normalize(pad_to_multiple(image)[None], mean, std)
     probabilities = np.asarray(jax.nn.sigmoid(model.apply(variables, x)))[0, ..., 0]
     mask = probabilities[: image.shape[0], : image.shape[1]] > 0.5
     labels, count = ndimage.label(mask, np.ones((3, 3)))
@@ -111,3 +121,34 @@ def test_thread_and_batch_counts_must_be_positive(tmp_path):
         "--checkpoint", "x.pkl", str(tmp_path), "--out", str(tmp_path), "--decode-threads", "0"
     )
     assert result.returncode == 2 and "--decode-threads must be >= 1, got 0" in result.stderr
+
+
+def test_predict_with_an_orbax_checkpoint_uses_its_normalisation(tmp_path):
+    """Needs nothing from ../shared: a model trained here for two epochs on synthetic data."""
+    workdir = tmp_path / "run"
+    config = TrainConfig(
+        epochs=2,
+        batch_size=4,
+        image_size=32,
+        synthetic_train=8,
+        synthetic_validation=4,
+        workdir=str(workdir),
+        progress=False,
+    )
+    train_and_evaluate(config)
+    model, variables, meta = load_orbax_checkpoint(workdir)
+    mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
+    assert abs(mean - CLASS6_MEAN) > 0.01  # so that using the wrong statistics could show
+    images = write_dagm_folder(tmp_path / "images", count=3, size=32, seed=4, defect_free=1)
+    out = tmp_path / "out"
+    result = run_predict("--checkpoint", str(workdir), str(images), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    records = json.loads((out / "defects.json").read_text())
+    assert len(records) == 4
+    with_other_statistics = []
+    for record in records:
+        image = np.asarray(Image.open(record["file"]))
+        found = [[*d["box"], d["area"]] for d in record["defects"]]
+        assert found == expected_defects(image, model, variables, mean, std), record["file"]
+        with_other_statistics.append(found != expected_defects(image, model, variables))
+    assert any(with_other_statistics)  # the authors' statistics would have given other defects
