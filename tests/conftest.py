@@ -1,4 +1,5 @@
-"""Shared test fixtures: paths to ../shared material and skip rules when it is absent."""
+"""Shared test fixtures: paths to ../shared material and skip rules when it is absent; a small
+training configuration."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
 import pytest
+
+from cheapnet_jax.training import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHEAPNET_SHARED", REPO_ROOT.parent / "shared"))
@@ -32,3 +35,20 @@ def samples_folder() -> Path:
     if not (SAMPLES / "Label" / "Labels.txt").is_file():
         pytest.skip(f"{SAMPLES} absent: the real DAGM samples live in ../shared/dagm-samples")
     return SAMPLES
+
+
+def small_config(workdir, **overrides) -> TrainConfig:
+    """CheapNet-S for two epochs on a few 32x32 synthetic images: seconds on the CPU."""
+    settings = dict(
+        features=2,
+        devices=1,
+        epochs=2,
+        batch_size=4,
+        image_size=32,
+        synthetic_train=8,
+        synthetic_validation=6,
+        workdir=str(workdir),
+        progress=False,
+        milestones=(1,),
+    )
+    return TrainConfig(**{**settings, **overrides})

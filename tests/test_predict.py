@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, checkpoint_path
+from conftest import REPO_ROOT, checkpoint_path, small_config
 from PIL import Image
 from scipy import ndimage
 
@@ -20,7 +20,7 @@ from cheapnet_jax import load_torch_checkpoint
 from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD, normalize
 from cheapnet_jax.prediction import pad_to_multiple
 from cheapnet_jax.synthetic import write_dagm_folder
-from cheapnet_jax.training import TrainConfig, load_orbax_checkpoint, train_and_evaluate
+from cheapnet_jax.training import load_orbax_checkpoint, train_and_evaluate
 
 
 @pytest.fixture
@@ -126,16 +126,7 @@ def test_thread_and_batch_counts_must_be_positive(tmp_path):
 def test_predict_with_an_orbax_checkpoint_uses_its_normalisation(tmp_path):
     """Needs nothing from ../shared: a model trained here for two epochs on synthetic data."""
     workdir = tmp_path / "run"
-    config = TrainConfig(
-        epochs=2,
-        batch_size=4,
-        image_size=32,
-        synthetic_train=8,
-        synthetic_validation=4,
-        workdir=str(workdir),
-        progress=False,
-    )
-    train_and_evaluate(config)
+    train_and_evaluate(small_config(workdir))
     model, variables, meta = load_orbax_checkpoint(workdir)
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     assert abs(mean - CLASS6_MEAN) > 0.01  # so that using the wrong statistics could show

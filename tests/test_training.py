@@ -14,14 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO_ROOT, checkpoint_path
+from conftest import REPO_ROOT, checkpoint_path, small_config
 
 from cheapnet_jax import CheapNet, synthetic
 from cheapnet_jax.data import shard_batch
 from cheapnet_jax.torch_import import state_dict_to_variables
 from cheapnet_jax.training import (
     AXIS,
-    TrainConfig,
     TrainingDivergedError,
     TrainState,
     create_state,
@@ -143,22 +142,6 @@ def test_one_step_matches_pytorch():
             assert np.all(np.abs(np.asarray(ours - before)[noise]) <= 0.01 + 1e-12)
             compared += int((~noise).sum())
         assert compared >= 0.9 * sum(np.size(leaf) for leaf in jax.tree.leaves(after["params"]))
-
-
-def small_config(workdir, **overrides) -> TrainConfig:
-    settings = dict(
-        features=2,
-        devices=1,
-        epochs=2,
-        batch_size=4,
-        image_size=32,
-        synthetic_train=8,
-        synthetic_validation=6,
-        workdir=str(workdir),
-        progress=False,
-        milestones=(1,),
-    )
-    return TrainConfig(**{**settings, **overrides})
 
 
 def test_training_writes_logs_checkpoints_and_plot(tmp_path):
