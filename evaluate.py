@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cheapnet_jax import cli
 from cheapnet_jax.evaluation import EvaluationRequest, run_evaluation
 from cheapnet_jax.model import VARIANTS
 
@@ -94,4 +95,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(main, sys.argv[1:]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cheapnet_jax import cli
 from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD
 
 
@@ -73,4 +74,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(main, sys.argv[1:]))

@@ -90,4 +90,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Importing the package does not start JAX: main() still sets XLA_FLAGS first.
+    from cheapnet_jax import cli
+
+    sys.exit(cli.run(main, sys.argv[1:]))

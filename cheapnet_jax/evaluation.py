@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -176,14 +177,35 @@ def evaluate_folder(
     tally = Tally()
     batches = data.iterate_batches(samples, batch_size)
     total_batches = -(-len(samples) // batch_size)
-    for chunk, images, masks in tqdm(
-        batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress
-    ):
-        n = len(chunk)
-        x = pad_batch(data.normalize(images, normalization.mean, normalization.std), batch_size)
-        found = _first(detector(variables, jnp.asarray(x)), n)
-        tally.add(found, _first(truth_of(pad_batch(masks, batch_size)), n), masks)
-    return {**tally.figures(), "images": len(samples), "image_size": list(images.shape[1:3])}
+    evaluated, image_size = 0, None
+    try:
+        for chunk, images, masks in tqdm(
+            batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress
+        ):
+            n = len(chunk)
+            x = pad_batch(data.normalize(images, normalization.mean, normalization.std), batch_size)
+            found = _first(detector(variables, jnp.asarray(x)), n)
+            tally.add(found, _first(truth_of(pad_batch(masks, batch_size)), n), masks)
+            evaluated, image_size = evaluated + n, list(images.shape[1:3])
+    except data.DataError as err:
+        partial = (
+            {**tally.figures(), "images": evaluated, "image_size": image_size}
+            if evaluated
+            else None
+        )
+        raise EvaluationStopped(
+            f"{err} (stopped after {evaluated} of {len(samples)} images)", partial
+        ) from err
+    return {**tally.figures(), "images": evaluated, "image_size": image_size}
+
+
+class EvaluationStopped(data.DataError):
+    """Bad input stopped an evaluation; ``partial`` holds the figures of the images before it
+    (None when there were none), so that what was computed is not lost."""
+
+    def __init__(self, message: str, partial: dict | None):
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -278,15 +300,21 @@ def run_evaluation(request: EvaluationRequest) -> int:
         if folder == "synthetic":
             size = request.image_size or loaded.image_size or 256
             folder = write_dagm_folder(Path(scratch) / "synthetic", count=16, size=size)
-        results = evaluate_folder(
-            model,
-            variables,
-            folder,
-            normalization=normalization,
-            threshold=request.threshold,
-            batch_size=request.batch_size,
-            progress=request.progress,
-        )
+        stopped = None
+        try:
+            results = evaluate_folder(
+                model,
+                variables,
+                folder,
+                normalization=normalization,
+                threshold=request.threshold,
+                batch_size=request.batch_size,
+                progress=request.progress,
+            )
+        except EvaluationStopped as err:
+            if err.partial is None:
+                raise
+            results, stopped = err.partial, str(err)
     height, width = results.pop("image_size")
     figures = {
         "checkpoint": source,
@@ -299,10 +327,15 @@ def run_evaluation(request: EvaluationRequest) -> int:
         "image_size": [height, width],
         **results,
     }
+    if stopped:
+        figures["incomplete"] = stopped
     print(f"CheapNet(G={model.features}) from {source} on {request.data_source}")
     print(format_table(figures))
     if request.json_path:
         Path(request.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(request.json_path).write_text(json.dumps(figures, indent=2) + "\n")
         print(f"wrote {request.json_path}")
+    if stopped:
+        print(f"error: {stopped}; the figures above cover those images only", file=sys.stderr)
+        return 1
     return 0

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheapnet_jax import cli
 from cheapnet_jax.model import CheapNet
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
 
@@ -172,4 +173,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(main, sys.argv[1:]))

@@ -228,7 +228,7 @@ def make_split(
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> int:
     """``python -m cheapnet_jax.synthetic --out DIR``: write synthetic images as a DAGM folder."""
     import argparse
 
@@ -245,7 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     total = args.count + args.defect_free
     print(f"wrote {total} synthetic {args.size}x{args.size} images to {folder}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from cheapnet_jax import cli
+
+    sys.exit(cli.run(main, sys.argv[1:]))

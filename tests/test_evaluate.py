@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import REPO_ROOT, checkpoint_path
 
 from cheapnet_jax import CheapNet
-from cheapnet_jax.evaluation import paper_gflops, xla_gflops
+from cheapnet_jax.evaluation import evaluate_folder, paper_gflops, xla_gflops
 from cheapnet_jax.model import init_variables
+from cheapnet_jax.synthetic import write_dagm_folder
 
 LEVEL_SCALES = (1, 1 / 4, 1 / 16, 1 / 64, 1 / 256)  # pixels of encoder1..bottleneck / H*W
 
@@ -96,8 +98,28 @@ def test_cli_smoke_run_on_synthetic_data(tmp_path):
 
 def test_cli_bad_folder_names_it(tmp_path):
     result = run_cli("--data", str(tmp_path / "missing"))
-    assert result.returncode != 0
-    assert "missing: no such folder" in result.stderr
+    assert result.returncode == 1
+    assert "error: " in result.stderr and "missing: no such folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_corrupt_image_midway_keeps_the_figures_of_the_images_before_it(tmp_path):
+    folder = write_dagm_folder(tmp_path / "bad", count=12, size=32, seed=3)
+    (folder / "0011.PNG").write_bytes((folder / "0011.PNG").read_bytes()[:100])
+    out = tmp_path / "partial.json"
+    result = run_cli("--data", str(folder), "--batch-size", "2", "--json", str(out))
+    assert result.returncode == 1
+    assert "0011.PNG: cannot decode image" in result.stderr
+    assert "stopped after 10 of 12 images" in result.stderr and "Traceback" not in result.stderr
+    partial = json.loads(out.read_text())
+    assert partial["images"] == 10 and "0011.PNG" in partial["incomplete"]
+    # the same as evaluating a folder of just those ten images
+    first_ten = write_dagm_folder(tmp_path / "ten", count=10, size=32, seed=3)
+    model = CheapNet(2)
+    variables = init_variables(model, jax.random.key(0))  # evaluate.py's untrained model
+    expected = evaluate_folder(model, variables, first_ten, batch_size=2, progress=False)
+    assert partial["confusion"] == expected["confusion"]
+    assert partial["map_component"] == pytest.approx(expected["map_component"])
 
 
 def test_jit_bench_prints_and_writes_the_table(tmp_path):

@@ -143,3 +143,11 @@ def test_predict_with_an_orbax_checkpoint_uses_its_normalisation(tmp_path):
         assert found == expected_defects(image, model, variables, mean, std), record["file"]
         with_other_statistics.append(found != expected_defects(image, model, variables))
     assert any(with_other_statistics)  # the authors' statistics would have given other defects
+
+
+def test_a_checkpoint_that_is_not_there_is_one_line(tmp_path):
+    result = run_predict(
+        "--checkpoint", str(tmp_path / "nothing.pkl"), str(tmp_path), "--out", str(tmp_path / "out")
+    )
+    assert result.returncode == 1 and "error: " in result.stderr and "nothing.pkl" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -288,3 +288,12 @@ def test_cheapnet_s_learns_the_synthetic_defects(tmp_path):
     assert validation_masks.mean() < 0.05  # the IoU of marking every pixel defective
     assert last >= 0.3
     assert last >= first + 0.15
+
+
+def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--devices", "3", "--batch-size", "4"]
+    command += ["--workdir", str(tmp_path), "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 1
+    assert "error: --batch-size 4 must be a multiple of the 3 devices" in result.stderr
+    assert "Traceback" not in result.stderr

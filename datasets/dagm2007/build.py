@@ -10,6 +10,7 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from cheapnet_jax import cli
 from datasets.dagm2007.dagm2007_dataset_builder import Builder
 
 
@@ -34,4 +35,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli.run(main, sys.argv[1:]))
