@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from cheapnet_jax import cli
-from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD
+from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD, DECODE_THREADS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -24,7 +24,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--min-area", type=int, default=0, help="drop smaller defects (pixels)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--decode-threads", type=int, default=2, help="threads decoding images ahead (default 2)"
+        "--decode-threads",
+        type=int,
+        default=DECODE_THREADS,
+        help=f"threads decoding images ahead (default {DECODE_THREADS})",
     )
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     parser.add_argument(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cheapnet_jax import data  # noqa: E402
-from cheapnet_jax.bench import format_table, write_json  # noqa: E402
+from cheapnet_jax.bench import format_table, time_call, write_json  # noqa: E402
 from cheapnet_jax.prediction import read_image  # noqa: E402
 from cheapnet_jax.synthetic import write_dagm_folder  # noqa: E402
 
@@ -30,12 +29,8 @@ SAMPLES = ROOT.parent / "shared" / "dagm-samples" / "Class6" / "Train"
 
 
 def images_per_second(run, images: int, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return images / best
+    """Images per second of the fastest of ``repeat`` passes (no warm-up pass)."""
+    return images / time_call(run, warmup=0, runs=repeat).min_s
 
 
 def measure(folder: Path, repeat: int) -> list[dict]:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cheapnet_jax import cli
-from cheapnet_jax.model import CheapNet
+from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
 
 ONNX_OPSET = 17
@@ -69,33 +69,22 @@ def to_onnx(variables: Mapping, image_size: int = 512):
         bias = constant(f"{block}.0.bias", state[f"{block}.0.bias"])
         conv_out = f"{block}_conv"
         if block in TRANSPOSED_BLOCKS:
-            nodes.append(
-                helper.make_node(
-                    "ConvTranspose",
-                    [source, weight, bias],
-                    [conv_out],
-                    group=g,
-                    kernel_shape=[3, 3],
-                    strides=[2, 2],
-                    pads=[1, 1, 1, 1],
-                    output_padding=[1, 1],
-                )
+            op = "ConvTranspose"
+            attributes = dict(
+                group=g, kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4, output_padding=[1, 1]
             )
         else:
+            op = "Conv"
             k = state[f"{block}.0.weight"].shape[-1]
-            stride = 1 if block in ("encoder1", "output") else 2
-            groups = 1 if block in ("encoder1", "output") else g
-            nodes.append(
-                helper.make_node(
-                    "Conv",
-                    [source, weight, bias],
-                    [conv_out],
-                    group=groups,
-                    kernel_shape=[k, k],
-                    strides=[stride, stride],
-                    pads=[k // 2] * 4,
-                )
+            full_resolution = block in ("encoder1", "output")  # dense, stride 1
+            stride = 1 if full_resolution else 2
+            attributes = dict(
+                group=1 if full_resolution else g,
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[k // 2] * 4,
             )
+        nodes.append(helper.make_node(op, [source, weight, bias], [conv_out], **attributes))
         bn_inputs = [
             conv_out,
             *(
@@ -104,9 +93,9 @@ def to_onnx(variables: Mapping, image_size: int = 512):
             ),
         ]
         nodes.append(
-            helper.make_node("BatchNormalization", bn_inputs, [f"{block}_bn"], epsilon=1e-5)
+            helper.make_node("BatchNormalization", bn_inputs, [f"{block}_bn"], epsilon=BN_EPSILON)
         )
-        nodes.append(helper.make_node("LeakyRelu", [f"{block}_bn"], [block], alpha=0.2))
+        nodes.append(helper.make_node("LeakyRelu", [f"{block}_bn"], [block], alpha=LEAKY_SLOPE))
     nodes.append(helper.make_node("Sigmoid", ["output"], ["probabilities"]))
     shape = ["batch", 1, image_size, image_size]
     graph = helper.make_graph(
