@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from cheapnet_jax.evaluation import Normalization, load_checkpoint
+    from cheapnet_jax.checkpoints import Normalization, load_checkpoint
     from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
 
     loaded = load_checkpoint(args.checkpoint, args.impl)

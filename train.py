@@ -35,9 +35,60 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--synthetic-validation", type=int, default=16)
     parser.add_argument("--keep-checkpoints", type=int, default=3, help="latest N kept")
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
-    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    parser.add_argument(
+        "--loss",
+        choices=["bce-logits", "bce-sigmoid"],
+        default="bce-logits",
+        help="BCE on logits, or the authors' BCELoss(sigmoid) with its saturation",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "float64"], default="float32", help="training precision"
+    )
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume a workdir although its run had other settings (seed, lr, ...)",
+    )
+    hosts = parser.add_argument_group(
+        "several processes (jax.distributed): --distributed under a cluster launcher "
+        "(Slurm, Open MPI, Kubernetes), or the three settings by hand"
+    )
+    hosts.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument("--num-processes", type=int, help="number of processes")
+    hosts.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    by_hand = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in by_hand) and any(v is None for v in by_hand):
+        parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None:
+        if args.num_processes < 1:
+            parser.error(f"--num-processes must be >= 1, got {args.num_processes}")
+        if not 0 <= args.process_id < args.num_processes:
+            parser.error(
+                f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}"
+            )
+    if args.devices < 1:
+        parser.error(f"--devices must be >= 1, got {args.devices}")
+    return args
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """Join the other processes of a multi-process run (before JAX touches a device)."""
+    import jax
+
+    # CPU devices of several processes talk through gloo (the default has no cross-process
+    # CPU collectives); accelerators use their own (NCCL on GPUs) whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator is None:
+        jax.distributed.initialize()  # the launcher's environment says who is who
+    else:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
 
 
 def simulate_cpu_devices(count: int) -> None:
@@ -56,11 +107,12 @@ def main(argv: list[str]) -> int:
 
     from cheapnet_jax.training import TrainConfig, train_and_evaluate
 
-    if args.distributed:
-        jax.distributed.initialize()
-    backend = jax.default_backend()
-    if args.devices > 1 and backend == "cpu":
-        print(f"no accelerator: simulating {args.devices} CPU devices")
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if args.distributed or args.coordinator is not None:
+        start_processes(args)
+    if args.devices > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
+        print(f"no accelerator: simulating {args.devices} CPU devices per process")
     classes = (
         tuple(range(1, 11))
         if args.classes == "all"
@@ -83,9 +135,11 @@ def main(argv: list[str]) -> int:
         synthetic_validation=args.synthetic_validation,
         keep_checkpoints=args.keep_checkpoints,
         impl=args.impl,
+        loss=args.loss,
+        dtype=args.dtype,
         progress=not args.no_progress,
     )
-    train_and_evaluate(config)
+    train_and_evaluate(config, allow_changes=args.allow_changes)
     return 0
 
 

@@ -21,13 +21,12 @@ import json, sys, jax, numpy as np, optax
 from cheapnet_jax import CheapNet
 from cheapnet_jax.bench import time_call
 from cheapnet_jax.data import shard_batch
-from cheapnet_jax.training import AXIS, create_state, make_train_step
+from cheapnet_jax.training import AXIS, create_state, parallel_train_step
 devices, features, size, batch, runs = (int(v) for v in sys.argv[1:6])
 model = CheapNet(features, bn_axis_name=AXIS)
 optimizer = optax.adam(0.01)
 state = create_state(model, optimizer, jax.random.key(0))
-step = jax.pmap(make_train_step(model, optimizer), axis_name=AXIS, in_axes=(None, 0, 0),
-                out_axes=(None, None), devices=jax.devices()[:devices])
+step = parallel_train_step(model, optimizer, jax.devices()[:devices])
 rng = np.random.default_rng(0)
 x = shard_batch(rng.standard_normal((batch, size, size, 1)).astype(np.float32), devices)
 y = shard_batch(rng.random((batch, size, size, 1)) < 0.05, devices)

@@ -17,26 +17,22 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
+from cheapnet_jax.checkpoints import (
+    AUTHORS_NORMALIZATION,
+    LoadedModel,
+    Normalization,
+    load_checkpoint,
+)
 from cheapnet_jax.detection import Detections, make_detector
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
 from cheapnet_jax.model import CheapNet, init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
-from cheapnet_jax.torch_import import load_torch_checkpoint
-from cheapnet_jax.training import load_orbax_checkpoint
 
 PAPER_FLOPS_PER_G = 12_686_336
 PAPER_FLOPS_CONSTANT = 1_048_576
 PAPER_IMAGE_PIXELS = 512 * 512
 # Activation budget used to pick a batch size: one [B, H, W, G] float32 map of about 256 MiB.
 _ACTIVATION_BUDGET_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """``(pixel / 255 - mean) / std``; defaults are the authors' Class-6 statistics."""
-
-    mean: float = data.CLASS6_MEAN
-    std: float = data.CLASS6_STD
 
 
 def count_params(variables: Mapping) -> int:
@@ -159,7 +155,7 @@ def evaluate_folder(
     variables: Mapping,
     folder: str | os.PathLike,
     *,
-    normalization: Normalization = Normalization(),
+    normalization: Normalization = AUTHORS_NORMALIZATION,
     threshold: float = 0.5,
     batch_size: int | None = None,
     max_components: int = 256,
@@ -223,31 +219,6 @@ class EvaluationRequest:
     impl: str = "auto"
     image_size: int | None = None  # synthetic data: None = the training size, else 256
     progress: bool = True
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A model with its variables, where they came from, and what its training recorded."""
-
-    model: CheapNet
-    variables: dict
-    source: str
-    normalization: Normalization | None = None
-    image_size: int | None = None
-
-
-def load_checkpoint(path: str | os.PathLike, impl: str = "auto") -> LoadedModel:
-    """An authors' ``.pkl`` or a cheapnet-jax orbax checkpoint (a workdir or a step folder)."""
-    if Path(path).is_dir():
-        model, variables, meta = load_orbax_checkpoint(path, impl=impl)
-        stats = meta.get("normalization", {})
-        normalization = Normalization(stats["mean"], stats["std"]) if stats else None
-        source = f"{path} (epoch {int(meta['epoch']) + 1}, step {meta['step']})"
-        synthetic = meta["config"]["data"] == "synthetic"
-        image_size = meta["config"].get("image_size") if synthetic else None
-        return LoadedModel(model, variables, source, normalization, image_size)
-    model, variables = load_torch_checkpoint(path, impl=impl)
-    return LoadedModel(model, variables, str(path))
 
 
 def load_model(request: EvaluationRequest) -> LoadedModel:

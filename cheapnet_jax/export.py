@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cheapnet_jax import cli
+from cheapnet_jax.checkpoints import load_checkpoint
 from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
 
@@ -130,8 +131,6 @@ def load_stablehlo(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
 
 def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512) -> Path:
     """Write ``checkpoint`` (authors' .pkl or a workdir) as ``fmt`` to ``out``."""
-    from cheapnet_jax.evaluation import load_checkpoint
-
     loaded = load_checkpoint(checkpoint)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

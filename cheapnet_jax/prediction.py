@@ -29,8 +29,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from cheapnet_jax import data
+from cheapnet_jax.checkpoints import LoadedModel, Normalization
 from cheapnet_jax.detection import detections_from_probabilities
-from cheapnet_jax.evaluation import LoadedModel, Normalization, pad_batch
+from cheapnet_jax.evaluation import pad_batch
 from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, inference_logits
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}

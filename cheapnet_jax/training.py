@@ -17,10 +17,8 @@ ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -32,14 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics, synthetic
+from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
+from cheapnet_jax.losses import LOSSES, Loss, bce_with_logits
 from cheapnet_jax.model import CheapNet, init_variables
 
 AXIS = "batch"
-CHECKPOINT_DIR = "checkpoints"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -66,7 +64,32 @@ class TrainConfig:
     synthetic_validation: int = 16
     keep_checkpoints: int = 3
     impl: str = "auto"
+    loss: str = "bce-logits"  # or "bce-sigmoid": the authors' BCELoss(sigmoid), exactly
+    dtype: str = "float32"  # "float64" for reproduction checks (needs jax_enable_x64)
     progress: bool = True
+
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+"""``--dtype`` choices: the dtype of parameters, optimizer state and inputs."""
+
+RESUME_SETTINGS = (
+    "features",
+    "data",
+    "classes",
+    "batch_size",
+    "lr",
+    "milestones",
+    "gamma",
+    "seed",
+    "image_size",
+    "synthetic_train",
+    "synthetic_validation",
+    "loss",
+    "dtype",
+)
+"""The settings a resumed run must share with the run it continues. The device count, the
+epoch count, the layer implementation and the bookkeeping may change (the step does not depend
+on how the global batch is split over devices)."""
 
 
 @flax.struct.dataclass
@@ -136,18 +159,15 @@ def create_state(
     )
 
 
-def bce_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
-    """Mean binary cross-entropy on logits (numerically stable), as PyTorch's BCELoss(sigmoid)."""
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, masks.astype(logits.dtype)))
-
-
 def make_train_step(
-    model: CheapNet, optimizer: optax.GradientTransformation
+    model: CheapNet, optimizer: optax.GradientTransformation, loss: Loss = bce_with_logits
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """One step on one device's share of the batch; collectives over the axis ``"batch"``.
 
     x: [b, H, W, 1] normalised, masks: [b, H, W, 1] bool. Every device holds the same number of
-    examples, so the pmean of per-device means is the global mean.
+    examples, so the pmean of per-device means is the global mean. ``out["finite"]`` says
+    whether every updated parameter is finite, so that the update after the last loss of an
+    epoch is checked too before the state is saved.
     """
 
     def step(state: TrainState, x: jax.Array, masks: jax.Array) -> tuple[TrainState, dict]:
@@ -158,21 +178,42 @@ def make_train_step(
                 train=True,
                 mutable=["batch_stats"],
             )
-            return bce_loss(logits, masks), updates["batch_stats"]
+            return loss(logits, masks), updates["batch_stats"]
 
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.lax.pmean(grads, AXIS)
-        loss = jax.lax.pmean(loss, AXIS)
+        value = jax.lax.pmean(value, AXIS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
+            params=params,
             batch_stats=batch_stats,  # already cross-device: BatchNorm pmeans its statistics
             opt_state=opt_state,
         )
-        return new_state, {"loss": loss, "grads": grads}
+        finite = jnp.all(
+            jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves((params, batch_stats))])
+        )
+        return new_state, {"loss": value, "finite": finite, "grads": grads}
 
     return step
+
+
+def parallel_train_step(
+    model: CheapNet,
+    optimizer: optax.GradientTransformation,
+    devices: list[jax.Device],
+    loss: Loss = bce_with_logits,
+) -> Callable[[TrainState, np.ndarray, np.ndarray], tuple[TrainState, dict]]:
+    """`make_train_step` data-parallel over ``devices``: the state goes in and comes out
+    unreplicated, x and masks carry a leading device axis (`data.shard_batch`)."""
+    return jax.pmap(
+        make_train_step(model, optimizer, loss),
+        axis_name=AXIS,
+        in_axes=(None, 0, 0),
+        out_axes=(None, None),
+        devices=devices,
+    )
 
 
 def make_eval_step(model: CheapNet) -> Callable:
@@ -196,6 +237,7 @@ def validation_counts(
     devices: int,
     mean: float,
     std: float,
+    dtype=np.float32,
 ) -> metrics.ConfusionCounts:
     """Counts over the whole validation split: the last batch is padded and masked."""
     totals = metrics.ConfusionCounts(0, 0, 0, 0)
@@ -204,7 +246,7 @@ def validation_counts(
         positions = data.host_share(np.arange(start, start + batch_size))
         valid = positions < len(images)
         chosen = np.minimum(positions, len(images) - 1)
-        x = data.normalize(images[chosen], mean, std)
+        x = data.normalize(images[chosen], mean, std).astype(dtype)
         y = masks[chosen][..., None]
         counts = eval_step(
             state,
@@ -216,143 +258,105 @@ def validation_counts(
     return totals
 
 
-class Checkpoints:
-    """The latest N states and the best by validation mIoU, written atomically by orbax.
-
-    Two managers: ``latest`` keeps the last N epochs (items ``model``: params and batch_stats,
-    ``opt``: step and optimizer state, ``meta``: JSON with epoch, config, normalisation and
-    metrics); ``best`` keeps ``model`` and ``meta`` of the best epoch, written only when the
-    validation mIoU improves (one manager with ``best_fn`` would keep the N best and could
-    delete the latest).
-    """
-
-    def __init__(self, workdir: str | os.PathLike, keep: int):
-        root = Path(workdir).absolute() / CHECKPOINT_DIR
-        self.latest = ocp.CheckpointManager(
-            root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        )
-        self.best = ocp.CheckpointManager(
-            root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        )
-        self.best_miou = -math.inf
-
-    def save(self, state: TrainState, meta: dict) -> None:
-        step = int(state.step)
-        score = meta["validation"]["miou"]
-        improved = math.isfinite(score) and score > self.best_miou
-        if improved:
-            self.best_miou = score
-        meta = {**meta, "best_miou": self.best_miou}
-        model = ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats})
-        opt = ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})
-        self.latest.save(
-            step, args=ocp.args.Composite(model=model, opt=opt, meta=ocp.args.JsonSave(meta))
-        )
-        if improved:
-            self.best.save(step, args=ocp.args.Composite(model=model, meta=ocp.args.JsonSave(meta)))
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-
-    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict] | None:
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        model = {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}
-        opt = {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(model),
-                opt=ocp.args.StandardRestore(opt),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        meta = restored["meta"]
-        if meta.get("best_miou") is not None and math.isfinite(meta["best_miou"]):
-            self.best_miou = meta["best_miou"]
-        state = TrainState(
-            step=restored["opt"]["step"],
-            params=restored["model"]["params"],
-            batch_stats=restored["model"]["batch_stats"],
-            opt_state=restored["opt"]["opt_state"],
-        )
-        return state, meta
-
-    def close(self) -> None:
-        self.latest.close()
-        self.best.close()
-
-
-def load_orbax_checkpoint(
-    path: str | os.PathLike, *, impl: str = "auto"
-) -> tuple[CheapNet, dict, dict]:
-    """``(model, variables, meta)`` from a workdir, its ``checkpoints`` folder, or one step.
-
-    A workdir gives its best checkpoint (the latest when none has a validation score).
-    """
-    path = Path(path).absolute()
-    candidates = [
-        path / CHECKPOINT_DIR / "best",
-        path / CHECKPOINT_DIR / "latest",
-        path / "best",
-        path / "latest",
-        path,
-    ]
-    for folder in candidates:
-        if not folder.is_dir():
-            continue
-        if (folder / "meta").is_dir():  # one step folder
-            directory, step = folder.parent, int(folder.name)
-        else:
-            steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-            if not steps:
-                continue
-            directory, step = folder, None
-        with ocp.CheckpointManager(directory) as manager:
-            if step is None:
-                step = manager.latest_step()
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-                "meta"
-            ]
-            model = CheapNet(int(meta["config"]["features"]), impl=impl)
-            abstract = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-            restored = manager.restore(
-                step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract))
-            )
-        return model, dict(restored["model"]), meta
-    raise FileNotFoundError(f"{path}: no orbax checkpoint of cheapnet-jax found there")
-
-
 def _jsonable(config: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def train_and_evaluate(config: TrainConfig) -> dict:
+def check_config(config: TrainConfig) -> None:
+    """ValueError naming the flag and its accepted range for a setting that cannot work."""
+    counts = {
+        "--devices": config.devices,
+        "--epochs": config.epochs,
+        "--batch-size": config.batch_size,
+        "--features": config.features,
+        "--synthetic-train": config.synthetic_train,
+        "--synthetic-validation": config.synthetic_validation,
+        "--keep-checkpoints": config.keep_checkpoints,
+    }
+    for flag, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--lr", config.lr), ("--gamma", config.gamma)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+    milestones = list(config.milestones)
+    if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
+        raise ValueError(
+            f"--milestones must be increasing epochs >= 1, got {','.join(map(str, milestones))}"
+        )
+    if config.image_size < 16 or config.image_size % 16:
+        raise ValueError(f"--image-size must be a multiple of 16, got {config.image_size}")
+    if config.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+
+
+def changed_settings(saved: Mapping, config: TrainConfig) -> list[str]:
+    """``name: saved -> new`` for each of `RESUME_SETTINGS` that differs from a saved config."""
+    new = _jsonable(config)
+    return [
+        f"{name}: {saved.get(name)!r} -> {new[name]!r}"
+        for name in RESUME_SETTINGS
+        if saved.get(name, new[name]) != new[name]
+    ]
+
+
+def training_devices(config: TrainConfig) -> list[jax.Device]:
+    """The devices pmap spans: ``config.devices`` local ones, or every process's devices."""
+    local = jax.local_devices()
+    if len(local) < config.devices:
+        raise ValueError(
+            f"--devices {config.devices}: only {len(local)} {jax.default_backend()} devices here"
+        )
+    if jax.process_count() == 1:
+        return local[: config.devices]
+    if config.devices != len(local):
+        raise ValueError(
+            f"--devices {config.devices}: with several processes each must use all its "
+            f"{len(local)} local devices"
+        )
+    return jax.devices()
+
+
+def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> dict:
     """Train (resuming from ``workdir`` when it holds a checkpoint); returns the final metrics.
 
     ``config.devices`` are this process's devices. Under `jax.distributed` (several processes)
-    every process must use all its local devices; each reads its own share of every global
-    batch (`data.host_share`) and pmap spans the devices of all processes.
+    every process uses all its local devices and reads only its own share of every global
+    batch (`data.host_share`); pmap spans the devices of all processes; process 0 alone writes
+    the logs, and orbax writes one checkpoint. A resumed run must keep `RESUME_SETTINGS`
+    (ValueError naming those that differ) unless ``allow_changes``; its device count may differ.
     """
-    devices = jax.local_devices()[: config.devices]
-    if len(devices) < config.devices:
-        raise ValueError(
-            f"--devices {config.devices}: only {len(jax.local_devices())} "
-            f"{jax.default_backend()} devices here"
-        )
-    if jax.process_count() > 1:
-        if config.devices != jax.local_device_count():
-            raise ValueError("with several processes, --devices must be the local device count")
-        devices = jax.devices()  # pmap over every process's devices
+    check_config(config)
+    devices = training_devices(config)
     if config.batch_size % len(devices):
         raise ValueError(
             f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices"
         )
+    primary = jax.process_index() == 0
     workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n")
-    (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    try:
+        saved = checkpoints.latest_meta()
+        if saved is not None and not allow_changes:
+            changes = changed_settings(saved["config"], config)
+            if changes:
+                raise ValueError(
+                    f"{workdir} holds a run with other settings ({'; '.join(changes)}): "
+                    "use another --workdir, or --allow-changes to continue it with the new ones"
+                )
+        if primary:
+            (workdir / "config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n")
+            (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+        return _train(config, checkpoints, devices, primary)
+    finally:
+        checkpoints.close()
 
+
+def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary: bool) -> dict:
     dataset = load_dataset(config)
     if len(dataset.train_images) < config.batch_size:
         raise ValueError(
@@ -360,31 +364,26 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             f"{config.batch_size}"
         )
     steps_per_epoch = len(dataset.train_images) // config.batch_size
+    dtype = DTYPES[config.dtype]
     model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
     optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
-    state = create_state(model, optimizer, jax.random.key(config.seed))
-
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    restored = checkpoints.restore_latest(state)
+    state = cast_floats(create_state(model, optimizer, jax.random.key(config.seed)), dtype)
+    # The state lives replicated over the devices' mesh, as pmap returns it (out_axes=None),
+    # so that the first and later steps share one compiled program.
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
+    )
+    restored = checkpoints.restore_latest(state, replicated)
     first_epoch = 0
     if restored is not None:
         state, meta = restored
         first_epoch = int(meta["epoch"]) + 1
-        print(f"resumed from {workdir} at epoch {first_epoch} (step {int(state.step)})")
-    # Placed as pmap returns it (replicated over the devices' mesh), so that the first and
-    # later steps share one compiled program.
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
-    )
-    state = jax.device_put(state, replicated)
+        if primary:
+            print(f"resumed from {config.workdir} at epoch {first_epoch} (step {int(state.step)})")
+    else:
+        state = jax.device_put(state, replicated)
 
-    train_step = jax.pmap(
-        make_train_step(model, optimizer),
-        axis_name=AXIS,
-        in_axes=(None, 0, 0),
-        out_axes=(None, None),
-        devices=devices,
-    )
+    train_step = parallel_train_step(model, optimizer, devices, LOSSES[config.loss])
     eval_step = jax.pmap(
         make_eval_step(CheapNet(config.features, impl=config.impl)),
         axis_name=AXIS,
@@ -392,12 +391,12 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         out_axes=None,
         devices=devices,
     )
-    log = MetricsLog(workdir)
+    log = MetricsLog(Path(config.workdir)) if primary else None
     figures: dict = {}
     try:
         for epoch in range(first_epoch, config.epochs):
             state, train_loss = _train_epoch(
-                config, dataset, state, train_step, epoch, steps_per_epoch
+                config, dataset, state, train_step, epoch, steps_per_epoch, primary
             )
             counts = validation_counts(
                 eval_step,
@@ -408,6 +407,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                 config.devices,
                 dataset.mean,
                 dataset.std,
+                dtype,
             )
             figures = {
                 "epoch": epoch,
@@ -419,7 +419,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                     "confusion": counts._asdict(),
                 },
             }
-            log.write(figures)
+            if log is not None:
+                log.write(figures)
             checkpoints.save(
                 state,
                 {
@@ -429,32 +430,43 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                 },
             )
             v = figures["validation"]
-            print(
-                f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}, validation mIoU "
-                f"{v['miou']:.4f}, IoU defect {v['iou_defect']:.4f}"
-            )
+            if primary:
+                print(
+                    f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}, validation mIoU "
+                    f"{v['miou']:.4f}, IoU defect {v['iou_defect']:.4f}"
+                )
     finally:
-        checkpoints.close()
-        log.close()
-    log.plot()
+        if log is not None:
+            log.close()
+    if log is not None:
+        log.plot()
     return figures
 
 
-def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch):
+def cast_floats(tree, dtype):
+    """Every floating-point leaf of ``tree`` as ``dtype`` (integers, such as steps, unchanged)."""
+    return jax.tree.map(
+        lambda leaf: leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
+        tree,
+    )
+
+
+def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch, primary):
     order = data.epoch_order(len(dataset.train_images), config.seed, epoch)
     lr = learning_rate_at(config, epoch)
+    dtype = DTYPES[config.dtype]
     losses = []
     progress = tqdm(
         range(steps_per_epoch),
         desc=f"epoch {epoch + 1}/{config.epochs}",
         unit="step",
-        disable=not config.progress,
+        disable=not (config.progress and primary),
         leave=False,
     )
 
     def prepare(index: int) -> tuple[np.ndarray, np.ndarray]:
         chosen = data.host_share(order[index * config.batch_size : (index + 1) * config.batch_size])
-        x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std)
+        x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std).astype(dtype)
         y = dataset.train_masks[chosen][..., None]
         return data.shard_batch(x, config.devices), data.shard_batch(y, config.devices)
 
@@ -464,9 +476,10 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch):
     for index, (x, y) in zip(progress, batches, strict=True):
         state, out = train_step(state, x, y)
         loss = float(out["loss"])
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and bool(out["finite"])):
+            what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became NaN/inf"
             raise TrainingDivergedError(
-                f"loss became {loss} at epoch {epoch + 1}, step {int(state.step)} (lr {lr}); "
+                f"{what} at epoch {epoch + 1}, step {int(state.step)} (lr {lr}); "
                 f"the last good checkpoint is kept in {config.workdir}/{CHECKPOINT_DIR}"
             )
         losses.append(loss)

@@ -11,6 +11,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
+import subprocess
+import sys
+
 import pytest
 
 from cheapnet_jax.training import TrainConfig
@@ -20,6 +23,31 @@ SHARED = Path(os.environ.get("CHEAPNET_SHARED", REPO_ROOT.parent / "shared"))
 CHECKPOINTS = SHARED / "torch-checkpoints"
 SAMPLES = SHARED / "dagm-samples" / "Class6" / "Train"
 CHECKPOINT_FEATURES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def cli_env(devices: int | None = None) -> dict[str, str]:
+    """The environment of a user's shell for a command-line tool: this process's XLA_FLAGS
+    (8 simulated devices) removed, or ``devices`` simulated CPU devices when given."""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run_tool(
+    script: str, *args: str, devices: int | None = None, cwd=REPO_ROOT, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``script`` (``train.py``, ``-m cheapnet_jax.export``, ...) as a user would: a new
+    process, its own device count (see `cli_env`), output captured."""
+    target = ["-m", script[3:]] if script.startswith("-m ") else [str(REPO_ROOT / script)]
+    return subprocess.run(
+        [sys.executable, *target, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=cli_env(devices),
+        timeout=timeout,
+    )
 
 
 def checkpoint_path(features: int) -> Path:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import jax
 import pytest
-from conftest import REPO_ROOT, checkpoint_path
+from conftest import checkpoint_path, run_tool
 
 from cheapnet_jax import CheapNet
 from cheapnet_jax.evaluation import evaluate_folder, paper_gflops, xla_gflops
@@ -62,13 +61,7 @@ def jax_key():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "evaluate.py"), "--no-progress", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=600,
-    )
+    return run_tool("evaluate.py", "--no-progress", *args)
 
 
 def test_cli_reproduces_reference_g2(samples_folder, tmp_path):

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, checkpoint_path
+from conftest import REPO_ROOT, checkpoint_path, cli_env
 
 from cheapnet_jax import load_torch_checkpoint
 from cheapnet_jax.data import list_dagm_samples, normalize, read_sample
@@ -33,7 +33,9 @@ def export(fmt: str, out) -> None:
         "--out",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO_ROOT, env=cli_env(), timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
 

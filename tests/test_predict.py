@@ -7,12 +7,11 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, checkpoint_path, small_config
+from conftest import checkpoint_path, run_tool, small_config
 from PIL import Image
 from scipy import ndimage
 
@@ -36,8 +35,7 @@ def inputs(tmp_path, samples_folder):
 
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO_ROOT / "predict.py"), "--no-progress", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    return run_tool("predict.py", "--no-progress", *args)
 
 
 def expected_defects(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO_ROOT, checkpoint_path, small_config
+from conftest import REPO_ROOT, checkpoint_path, cli_env, small_config
 
 from cheapnet_jax import CheapNet, synthetic
 from cheapnet_jax.data import shard_batch
@@ -25,21 +24,9 @@ from cheapnet_jax.training import (
     TrainState,
     create_state,
     load_orbax_checkpoint,
-    make_train_step,
+    parallel_train_step,
     train_and_evaluate,
 )
-
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-
-
-def pmapped_step(model, optimizer, devices):
-    return jax.pmap(
-        make_train_step(model, optimizer),
-        axis_name=AXIS,
-        in_axes=(None, 0, 0),
-        out_axes=(None, None),
-        devices=devices,
-    )
 
 
 def assert_trees_close(ours, theirs, atol: float = 1e-9, label: str = "") -> None:
@@ -66,7 +53,7 @@ def test_one_and_eight_devices_take_the_same_step():
         x, masks = random_batch(8, 32)
         results = []
         for count in (1, 8):
-            step = pmapped_step(model, optimizer, jax.devices()[:count])
+            step = parallel_train_step(model, optimizer, jax.devices()[:count])
             results.append(step(state, shard_batch(x, count), shard_batch(masks, count)))
         (one, one_out), (eight, eight_out) = results
         np.testing.assert_allclose(one_out["loss"], eight_out["loss"], rtol=0, atol=1e-9)
@@ -104,7 +91,7 @@ def test_one_step_matches_pytorch():
             batch_stats=variables["batch_stats"],
             opt_state=optimizer.init(variables["params"]),
         )
-        step = pmapped_step(model, optimizer, jax.devices()[:1])
+        step = parallel_train_step(model, optimizer, jax.devices()[:1])
         new_state, out = step(state, x[None], masks[None])
 
         torch_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
@@ -191,7 +178,9 @@ def run_train(workdir, *extra: str) -> subprocess.Popen:
         "3",
         *extra,
     ]
-    return subprocess.Popen(command, env=ENV, cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, env=cli_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
 
 
 def final_params(workdir):
@@ -215,56 +204,6 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert resumed.returncode == 0 and "resumed from" in output
     for a, b in zip(final_params(tmp_path / "a"), final_params(tmp_path / "b"), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_cli_trains_m_on_eight_devices_and_evaluate_reads_it(tmp_path):
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "train.py"),
-        "--variant",
-        "M",
-        "--devices",
-        "8",
-        "--data",
-        "synthetic",
-        "--epochs",
-        "2",
-        "--image-size",
-        "32",
-        "--synthetic-train",
-        "16",
-        "--synthetic-validation",
-        "8",
-        "--workdir",
-        str(tmp_path),
-        "--no-progress",
-    ]
-    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    result = subprocess.run(
-        command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr
-    assert "simulating 8 CPU devices" in result.stdout
-    out = tmp_path / "eval.json"
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "evaluate.py"),
-            "--checkpoint",
-            str(tmp_path),
-            "--no-progress",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert evaluated.returncode == 0, evaluated.stderr
-    figures = json.loads(out.read_text())
-    assert figures["features"] == 32 and figures["params"] == 137 * 32 + 3
-    assert figures["image_size"] == [32, 32]
 
 
 def test_cheapnet_s_learns_the_synthetic_defects(tmp_path):
@@ -293,7 +232,7 @@ def test_cheapnet_s_learns_the_synthetic_defects(tmp_path):
 def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--devices", "3", "--batch-size", "4"]
     command += ["--workdir", str(tmp_path), "--no-progress"]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert result.returncode == 1
     assert "error: --batch-size 4 must be a multiple of the 3 devices" in result.stderr
     assert "Traceback" not in result.stderr

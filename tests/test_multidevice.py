@@ -1,0 +1,231 @@
+"""Many devices end to end, the way users run it: a run trained on N devices (or on several
+processes) is evaluated, served, exported and resumed by new processes with other device
+counts, started from other folders with the path typed differently.
+
+Every command runs in a subprocess whose environment does not inherit this process's 8 host
+devices (`conftest.cli_env`); 64-bit runs (``--dtype float64``) make "the same run" testable to
+1e-9.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, cli_env, run_tool
+
+from cheapnet_jax.checkpoints import load_orbax_checkpoint
+from cheapnet_jax.torch_import import load_torch_checkpoint
+
+TINY_RUN = (
+    "--variant",
+    "S",
+    "--data",
+    "synthetic",
+    "--image-size",
+    "32",
+    "--synthetic-train",
+    "16",
+    "--synthetic-validation",
+    "8",
+    "--batch-size",
+    "8",
+    "--milestones",
+    "1",
+    "--no-progress",
+)
+
+
+def train(workdir, devices: int, *extra: str, epochs: int = 2) -> subprocess.CompletedProcess:
+    """train.py in a plain process; it simulates ``devices`` CPU devices itself."""
+    result = run_tool(
+        "train.py", *TINY_RUN, "--devices", str(devices), "--epochs", str(epochs),
+        "--workdir", str(workdir), *extra,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def variables_of(workdir) -> list[np.ndarray]:
+    with jax.enable_x64(True):
+        _, variables, _ = load_orbax_checkpoint(workdir)
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(variables)]
+
+
+def assert_same_variables(a, b, atol: float) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("eight") / "run"
+    result = train(workdir, 8, "--variant", "M")  # the design's `--variant M --devices 8`
+    assert "simulating 8 CPU devices" in result.stdout
+    return workdir
+
+
+def test_a_run_on_eight_devices_is_evaluated_by_one_and_by_three(eight_device_run, tmp_path):
+    # From another folder, the workdir typed as a relative path with a detour and a slash.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    parent = eight_device_run.parent
+    typed = f"{os.path.relpath(parent, elsewhere)}/../{parent.name}/./run/"
+    figures = {}
+    for devices in (None, 3):
+        out = tmp_path / f"eval-{devices}.json"
+        result = run_tool(
+            "evaluate.py", "--checkpoint", typed, "--no-progress", "--json", str(out),
+            devices=devices, cwd=elsewhere, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        figures[devices] = json.loads(out.read_text())
+    assert figures[None]["features"] == 32 and figures[None]["image_size"] == [32, 32]
+    # The same checkpoint gives the same figures whatever the reading process's devices.
+    for key in ("miou", "iou_defect", "confusion", "map_component"):
+        assert figures[None][key] == figures[3][key], key
+
+
+def test_a_run_on_eight_devices_is_served_and_exported_by_one(eight_device_run, tmp_path):
+    images = tmp_path / "images"
+    made = run_tool(
+        "-m cheapnet_jax.synthetic", "--out", str(images), "--count", "3", "--size", "48"
+    )
+    assert made.returncode == 0, made.stderr
+    predicted = run_tool(
+        "predict.py", "--checkpoint", str(eight_device_run), str(images), "--out",
+        str(tmp_path / "out"), "--no-progress", timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    records = json.loads((tmp_path / "out" / "defects.json").read_text())
+    assert len(records) == 3 and all(r["verdict"] in ("OK", "NG") for r in records)
+
+    exported = tmp_path / "model.pkl"
+    result = run_tool(
+        "-m cheapnet_jax.export", "--checkpoint", str(eight_device_run), "--format", "torch",
+        "--out", str(exported), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # The Python API in this 8-device process: every array on one local device, and equal to
+    # what the 1-device export wrote.
+    _, variables, _ = load_orbax_checkpoint(eight_device_run)
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.sharding.device_set == {jax.local_devices()[0]}
+    _, from_torch = load_torch_checkpoint(exported)
+    assert_same_variables(jax.tree.leaves(variables), jax.tree.leaves(from_torch), atol=0)
+
+
+def test_resuming_on_1_2_or_8_devices_continues_the_same_run(tmp_path):
+    first = tmp_path / "first"
+    train(first, 2, "--dtype", "float64", epochs=1)
+    after_first = variables_of(first)
+    resumed = {}
+    for devices in (1, 2, 8):
+        workdir = tmp_path / f"on{devices}"
+        shutil.copytree(first, workdir)
+        result = train(workdir, devices, "--dtype", "float64", epochs=2)
+        assert "resumed from" in result.stdout and "at epoch 1 (step 2)" in result.stdout
+        resumed[devices] = variables_of(workdir)
+        assert resumed[devices][0].dtype == np.float64
+    assert_same_variables(resumed[1], resumed[2], atol=1e-9)
+    assert_same_variables(resumed[8], resumed[2], atol=1e-9)
+    moved = max(np.abs(a - b).max() for a, b in zip(resumed[2], after_first, strict=True))
+    assert moved > 1e-4  # the second epoch did train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Runs train.py's main in a process that records what `data.host_share` hands this process.
+RECORDING_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from cheapnet_jax import cli, data
+original = data.host_share
+def recording(indices, *args):
+    share = original(indices, *args)
+    with open(sys.argv[2], "a") as log:
+        log.write(json.dumps({"process": jax.process_index(), "batch": indices.tolist(),
+                              "share": share.tolist()}) + "\\n")
+    return share
+data.host_share = recording
+import train
+sys.exit(cli.run(train.main, sys.argv[3:]))
+"""
+
+
+def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
+    single = tmp_path / "single"
+    train(single, 8, "--dtype", "float64")
+
+    workdir = tmp_path / "two-processes"
+    port = free_port()
+    processes = []
+    for process_id in (0, 1):
+        command = [
+            sys.executable, "-c", RECORDING_DRIVER, str(REPO_ROOT),
+            str(tmp_path / f"shares-{process_id}.jsonl"),
+            *TINY_RUN, "--devices", "4", "--epochs", "2", "--dtype", "float64",
+            "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", "2", "--process-id", str(process_id),
+        ]  # fmt: skip
+        # Files, not pipes: a pipe nobody reads yet would block that process mid-run.
+        stdout = (tmp_path / f"stdout-{process_id}").open("w")
+        stderr = (tmp_path / f"stderr-{process_id}").open("w")
+        processes.append(
+            subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(), stdout=stdout, stderr=stderr)
+        )
+    for process_id, process in enumerate(processes):
+        status = process.wait(timeout=600)
+        assert status == 0, (tmp_path / f"stderr-{process_id}").read_text()[-3000:]
+    outputs = [(tmp_path / f"stdout-{i}").read_text() for i in (0, 1)]
+    assert "epoch 2/2" in outputs[0] and "epoch 2/2" not in outputs[1]
+
+    # Each process read only its half of every global batch of 8 (training and validation).
+    for process_id in (0, 1):
+        rows = [
+            json.loads(line)
+            for line in (tmp_path / f"shares-{process_id}.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 2 * (2 + 1)  # 2 epochs x (2 training steps + 1 validation batch)
+        for row in rows:
+            assert row["process"] == process_id and len(row["batch"]) == 8
+            assert row["share"] == row["batch"][4 * process_id : 4 * process_id + 4]
+
+    # One run's files: one checkpoint per epoch, one log line per epoch, no leftovers.
+    steps = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
+    assert steps == ["2", "4"]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    assert_same_variables(variables_of(workdir), variables_of(single), atol=1e-9)
+
+    evaluated = run_tool("evaluate.py", "--checkpoint", str(workdir), "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "mIoU" in evaluated.stdout
+
+
+def test_a_resume_with_other_settings_is_refused_unless_allowed(eight_device_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(eight_device_run, workdir)
+    before = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
+    common = (*TINY_RUN, "--variant", "M", "--devices", "1", "--epochs", "3")
+    common = (*common, "--workdir", str(workdir))
+    refused = run_tool("train.py", *common, "--seed", "5", "--lr", "0.5")
+    assert refused.returncode == 1
+    assert "lr: 0.01 -> 0.5" in refused.stderr and "seed: 0 -> 5" in refused.stderr
+    assert "--allow-changes" in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == before
+    allowed = run_tool("train.py", *common, "--seed", "5", "--allow-changes")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "resumed from" in allowed.stdout and "epoch 3/3" in allowed.stdout
