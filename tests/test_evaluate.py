@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import jax
+import numpy as np
 import pytest
 from conftest import checkpoint_path, run_tool
 
@@ -139,3 +140,28 @@ def test_jit_bench_prints_and_writes_the_table(tmp_path):
         for name in ("seg", "seg+label"):
             assert row[f"{name} img/s"] > 0 and row[f"{name} compile s"] > 0
             assert row[f"{name} ms/img"] * row[f"{name} img/s"] == pytest.approx(1000)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_every_tool(tmp_path):
+    pytest.importorskip("torch")
+    from cheapnet_jax.torch_import import save_torch_checkpoint
+
+    model = CheapNet(2)
+    variables = init_variables(model, jax_key())
+    kernel = np.array(variables["params"]["decoder2"]["conv"]["kernel"])
+    kernel[0, 0, 0, 0] = np.nan
+    variables["params"]["decoder2"]["conv"]["kernel"] = kernel
+    path = tmp_path / "nan.pkl"
+    save_torch_checkpoint(variables, path)
+    images = tmp_path / "images"
+    write_dagm_folder(images, count=1, size=32)
+    for tool, extra in (
+        ("evaluate.py", ["--data", str(images)]),
+        ("predict.py", [str(images), "--out", str(tmp_path / "out")]),
+        ("-m cheapnet_jax.export", ["--format", "onnx", "--out", str(tmp_path / "m.onnx")]),
+    ):
+        result = run_tool(tool, "--checkpoint", str(path), *extra)
+        assert result.returncode == 1, (tool, result.stderr)
+        assert f"error: {path}: non-finite weights" in result.stderr, tool
+        assert "decoder2" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO_ROOT, checkpoint_path, cli_env, small_config
 
 from cheapnet_jax import CheapNet, synthetic
+from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.data import shard_batch
 from cheapnet_jax.torch_import import state_dict_to_variables
 from cheapnet_jax.training import (
@@ -23,7 +24,6 @@ from cheapnet_jax.training import (
     TrainingDivergedError,
     TrainState,
     create_state,
-    load_orbax_checkpoint,
     parallel_train_step,
     train_and_evaluate,
 )
@@ -148,11 +148,23 @@ def test_training_writes_logs_checkpoints_and_plot(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     train_and_evaluate(small_config(tmp_path, epochs=1))
-    with pytest.raises(TrainingDivergedError, match="loss became nan"):
-        train_and_evaluate(small_config(tmp_path, epochs=3, lr=float("nan")))
+    # A learning rate that overflows float32 (the schedule's value is inf): the first update
+    # makes the parameters non-finite, the next loss is NaN.
+    with pytest.raises(TrainingDivergedError, match="at epoch 2, step 3"):
+        train_and_evaluate(small_config(tmp_path, epochs=3, lr=1e39), allow_changes=True)
     _, variables, meta = load_orbax_checkpoint(tmp_path)
     assert meta["epoch"] == 0
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+
+
+def test_the_last_update_of_an_epoch_is_checked_before_it_is_saved(tmp_path):
+    """One step per epoch: its loss is finite (computed before the update), the update is not.
+    Checking only losses would save the non-finite parameters as the latest and the best."""
+    config = small_config(tmp_path, epochs=1, lr=1e39, synthetic_train=4, batch_size=4)
+    with pytest.raises(TrainingDivergedError, match="parameters became NaN/inf at epoch 1, step 1"):
+        train_and_evaluate(config)
+    assert not any((tmp_path / "checkpoints" / "latest").iterdir())
+    assert not any((tmp_path / "checkpoints" / "best").iterdir())
 
 
 def run_train(workdir, *extra: str) -> subprocess.Popen:
