@@ -48,24 +48,30 @@ def parse_args(argv: list[str]) -> EvaluationRequest | dict:
     parser.add_argument("--json", help="also write the figures to this JSON file")
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--variant", choices=sorted(VARIANTS), default="S")
-    width.add_argument("--features", type=int, help="width G (overrides --variant)")
+    width.add_argument("--features", type=cli.count, help="width G (overrides --variant)")
     parser.add_argument(
         "--mean",
-        type=float,
+        type=cli.finite,
         help="normalisation mean of pixel/255 (default: the checkpoint's, "
         "else the authors' Class-6 0.348)",
     )
-    parser.add_argument("--std", type=float, help="normalisation std (default: likewise, 0.278)")
-    parser.add_argument("--image-size", type=int, help="synthetic data: image size")
-    parser.add_argument("--threshold", type=float, default=0.5, help="defect if probability > this")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: by G)")
+    parser.add_argument(
+        "--std", type=cli.positive, help="normalisation std (default: likewise, 0.278)"
+    )
+    parser.add_argument("--image-size", type=cli.image_size, help="synthetic data: image size")
+    parser.add_argument(
+        "--threshold", type=cli.probability, default=0.5, help="defect if probability > this"
+    )
+    parser.add_argument(
+        "--batch-size", type=cli.count, help="images per forward pass (default: by G)"
+    )
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench = parser.add_argument_group("--jit-bench: speed of segmentation and detection")
     bench.add_argument("--jit-bench", action="store_true", help="benchmark instead of evaluate")
     bench.add_argument("--variants", default=None, help="e.g. S,M,L (default S,M; L on GPUs)")
     bench.add_argument("--batch-sizes", default=None, help="e.g. 1,8 (default 1,8; GPU 1,64,256)")
-    bench.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
+    bench.add_argument("--runs", type=cli.count, default=20, help="timed runs per measurement")
     args = parser.parse_args(argv)
     if args.jit_bench:
         return bench_request(args)

@@ -20,32 +20,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
     parser.add_argument("--checkpoint", required=True, help="authors' .pkl or a training workdir")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--threshold", type=float, default=0.5, help="defect if probability > it")
-    parser.add_argument("--min-area", type=int, default=0, help="drop smaller defects (pixels)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--threshold", type=cli.probability, default=0.5, help="defect if probability > it"
+    )
+    parser.add_argument(
+        "--min-area", type=cli.non_negative, default=0, help="drop smaller defects (pixels)"
+    )
+    parser.add_argument("--batch-size", type=cli.count, default=8)
     parser.add_argument(
         "--decode-threads",
-        type=int,
+        type=cli.count,
         default=DECODE_THREADS,
         help=f"threads decoding images ahead (default {DECODE_THREADS})",
     )
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")
     parser.add_argument(
         "--normalization",
+        type=cli.normalization,
         help="mean,std of pixel/255 (default: the checkpoint's own; authors' .pkl: "
         f"{CLASS6_MEAN},{CLASS6_STD})",
     )
     parser.add_argument("--resume", action="store_true", help="skip images already recorded")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
-    args = parser.parse_args(argv)
-    for flag, value in (
-        ("--batch-size", args.batch_size),
-        ("--decode-threads", args.decode_threads),
-    ):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
@@ -56,8 +54,7 @@ def main(argv: list[str]) -> int:
     loaded = load_checkpoint(args.checkpoint, args.impl)
     normalization = loaded.normalization or Normalization()
     if args.normalization:
-        mean, std = (float(v) for v in args.normalization.split(","))
-        normalization = Normalization(mean, std)
+        normalization = Normalization(*args.normalization)
     paths = find_images(args.inputs)
     options = PredictOptions(
         threshold=args.threshold,

@@ -12,28 +12,40 @@ import argparse
 import os
 import sys
 
-VARIANTS = {"S": 2, "M": 32, "L": 1024}  # cheapnet_jax.VARIANTS; kept here to parse before JAX
+from cheapnet_jax import cli  # starts no JAX backend: XLA_FLAGS can still be set after it
+from cheapnet_jax.model import VARIANTS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--variant", choices=sorted(VARIANTS), default="S")
-    width.add_argument("--features", type=int, help="width G (overrides --variant)")
-    parser.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    width.add_argument("--features", type=cli.count, help="width G (overrides --variant)")
+    parser.add_argument("--devices", type=cli.count, default=1, help="data-parallel devices")
     parser.add_argument("--data", default="synthetic", help="DAGM 2007 root folder or 'synthetic'")
-    parser.add_argument("--classes", default="6", help="DAGM classes: '6', '1,2,3' or 'all'")
-    parser.add_argument("--epochs", type=int, default=120)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch size")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--milestones", default="60,90", help="epochs where lr is multiplied")
-    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument(
+        "--classes", type=dagm_classes, default="6", help="DAGM classes: '6', '1,2,3' or 'all'"
+    )
+    parser.add_argument("--epochs", type=cli.count, default=120)
+    parser.add_argument("--batch-size", type=cli.count, default=8, help="global batch size")
+    parser.add_argument("--lr", type=cli.positive, default=0.01)
+    parser.add_argument(
+        "--milestones",
+        type=cli.increasing_counts,
+        default="60,90",
+        help="epochs where lr is multiplied",
+    )
+    parser.add_argument("--gamma", type=cli.positive, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="runs/default")
-    parser.add_argument("--image-size", type=int, default=512, help="synthetic data only")
-    parser.add_argument("--synthetic-train", type=int, default=64, help="synthetic images")
-    parser.add_argument("--synthetic-validation", type=int, default=16)
-    parser.add_argument("--keep-checkpoints", type=int, default=3, help="latest N kept")
+    parser.add_argument(
+        "--image-size", type=cli.image_size, default=512, help="synthetic data only"
+    )
+    parser.add_argument("--synthetic-train", type=cli.count, default=64, help="synthetic images")
+    parser.add_argument("--synthetic-validation", type=cli.count, default=16)
+    parser.add_argument(
+        "--keep-checkpoints", type=cli.count, default=3, help="latest N kept (>= 1)"
+    )
     parser.add_argument("--impl", choices=["auto", "lax", "fused"], default="auto")
     parser.add_argument(
         "--loss",
@@ -55,23 +67,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     hosts.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    hosts.add_argument("--num-processes", type=int, help="number of processes")
-    hosts.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+    hosts.add_argument("--num-processes", type=cli.count, help="number of processes")
+    hosts.add_argument("--process-id", type=cli.non_negative, help="this process's index, 0..N-1")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     by_hand = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in by_hand) and any(v is None for v in by_hand):
         parser.error("--coordinator, --num-processes and --process-id go together")
-    if args.num_processes is not None:
-        if args.num_processes < 1:
-            parser.error(f"--num-processes must be >= 1, got {args.num_processes}")
-        if not 0 <= args.process_id < args.num_processes:
-            parser.error(
-                f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}"
-            )
-    if args.devices < 1:
-        parser.error(f"--devices must be >= 1, got {args.devices}")
+    if args.num_processes is not None and args.process_id >= args.num_processes:
+        parser.error(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
     return args
+
+
+def dagm_classes(text: str) -> tuple[int, ...]:
+    """``all`` or comma-separated DAGM class numbers 1..10."""
+    if text == "all":
+        return tuple(range(1, 11))
+    try:
+        classes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected '6', '1,2,3' or 'all'") from None
+    if not classes or any(not 1 <= c <= 10 for c in classes):
+        raise argparse.ArgumentTypeError(f"{text!r}: DAGM classes are 1..10")
+    return classes
 
 
 def start_processes(args: argparse.Namespace) -> None:
@@ -113,20 +131,15 @@ def main(argv: list[str]) -> int:
         start_processes(args)
     if args.devices > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
         print(f"no accelerator: simulating {args.devices} CPU devices per process")
-    classes = (
-        tuple(range(1, 11))
-        if args.classes == "all"
-        else tuple(int(c) for c in args.classes.split(","))
-    )
     config = TrainConfig(
         features=args.features if args.features is not None else VARIANTS[args.variant],
         devices=args.devices,
         data=args.data,
-        classes=classes,
+        classes=args.classes,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        milestones=tuple(int(m) for m in args.milestones.split(",") if m),
+        milestones=args.milestones,
         gamma=args.gamma,
         seed=args.seed,
         workdir=args.workdir,
@@ -144,7 +157,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # Importing the package does not start JAX: main() still sets XLA_FLAGS first.
-    from cheapnet_jax import cli
-
     sys.exit(cli.run(main, sys.argv[1:]))

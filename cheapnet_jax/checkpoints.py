@@ -202,6 +202,12 @@ def _restore_dtype(meta: dict):
     return jnp.float32
 
 
+def _first_words(err: Exception, limit: int = 200) -> str:
+    """The start of an error's message: tensorstore appends kilobytes of JSON specs."""
+    text = str(err).split(" [tensorstore_spec")[0].strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_orbax_checkpoint(
     path: str | os.PathLike, *, impl: Impl = "auto", device: jax.Device | None = None
 ) -> tuple[CheapNet, dict, dict]:
@@ -217,16 +223,23 @@ def load_orbax_checkpoint(
         raise CheckpointError(f"{path}: no orbax checkpoint of cheapnet-jax found there")
     directory, step = found
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
-    with ocp.CheckpointManager(directory) as manager:
-        if step is None:
-            step = manager.latest_step()
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        model = CheapNet(int(meta["config"]["features"]), impl=impl)
-        abstract = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
-        target = placed(abstract, sharding, _restore_dtype(meta))
-        restored = manager.restore(
-            step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
-        )
+    try:
+        with ocp.CheckpointManager(directory) as manager:
+            if step is None:
+                step = manager.latest_step()
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            meta = manager.restore(step, args=args)["meta"]
+            model = CheapNet(int(meta["config"]["features"]), impl=impl)
+            abstract = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
+            target = placed(abstract, sharding, _restore_dtype(meta))
+            restored = manager.restore(
+                step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
+            )
+    except Exception as err:  # orbax and tensorstore raise many types for damaged files
+        raise CheckpointError(
+            f"{directory / str(step)}: cannot read this checkpoint ({type(err).__name__}: "
+            f"{_first_words(err)})"
+        ) from err
     return model, dict(restored["model"]), meta
 
 

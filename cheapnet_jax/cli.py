@@ -3,13 +3,19 @@
     sys.exit(cli.run(main, sys.argv[1:]))
 
 Bad data (`DataError`), a checkpoint that does not fit (`CheckpointError`), a diverged run
-(`TrainingDivergedError`), a missing file and a bad setting (``ValueError``) print
+(`TrainingDivergedError`), a bad setting (``ValueError``) and an operating-system error on a
+path (a missing file, a read-only folder, a full disk: ``OSError`` with its file name) print
 ``error: <message>`` (the message names the file or flag) and exit with status 1. Set
 ``CHEAPNET_TRACEBACK=1`` to see the traceback instead.
+
+The argparse types below check a flag's value where it is parsed, so that argparse's own
+message names the flag and the accepted range.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -17,18 +23,103 @@ from collections.abc import Callable
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     # Imported only once an error is raised: train.py must configure JAX before importing it.
+    from cheapnet_jax.files import FolderInUseError
     from cheapnet_jax.torch_import import CheckpointError
     from cheapnet_jax.training import TrainingDivergedError
 
-    return (CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError)
+    return (CheckpointError, TrainingDivergedError, FolderInUseError, ValueError)
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """``main(argv)``'s exit status; 1, with the message on stderr, for a user error."""
     try:
         return main(argv)
+    except OSError as err:
+        if err.filename is None or os.environ.get("CHEAPNET_TRACEBACK"):
+            raise
+        target = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+        print(f"error: {target}: {err.strerror or err}", file=sys.stderr)
+        return 1
     except _user_errors() as err:
         if os.environ.get("CHEAPNET_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def finite(text: str) -> float:
+    """A finite number."""
+    return _number(text)
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
+def probability(text: str) -> float:
+    """A probability threshold strictly between 0 and 1 (0 marks every pixel, 1 none)."""
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be in (0, 1)")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
+
+
+def non_negative(text: str) -> int:
+    """An integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value
+
+
+def image_size(text: str) -> int:
+    """An image side: a positive multiple of 16 (CheapNet's four stride-2 stages)."""
+    value = _integer(text)
+    if value < 16 or value % 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive multiple of 16")
+    return value
+
+
+def increasing_counts(text: str) -> tuple[int, ...]:
+    """Comma-separated increasing integers >= 1 (``60,90``); empty for none."""
+    values = tuple(_integer(part) for part in text.split(",") if part.strip())
+    if any(v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be increasing integers >= 1")
+    return values
+
+
+def normalization(text: str) -> tuple[float, float]:
+    """``mean,std`` of pixel/255: two finite numbers, std > 0."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected mean,std such as 0.348,0.278")
+    return finite(parts[0]), positive(parts[1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,7 +120,23 @@ def load_image(
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+    except Image.DecompressionBombError as err:  # not an OSError: Pillow's own limit
+        raise DataError(
+            f"{path}: larger than Pillow allows ({err}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if the file is trusted"
+        ) from err
     return pixels, warning
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """DataError unless ``path`` is a regular file (or a link to one): a named pipe, socket or
+    device would block or never end when read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from err
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a folder, pipe, socket or device)")
 
 
 def read_grayscale_png(path: str | os.PathLike) -> np.ndarray:

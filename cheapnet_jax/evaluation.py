@@ -24,6 +24,7 @@ from cheapnet_jax.checkpoints import (
     load_checkpoint,
 )
 from cheapnet_jax.detection import Detections, make_detector
+from cheapnet_jax.files import write_atomic
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
 from cheapnet_jax.model import CheapNet, init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
@@ -304,7 +305,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
     print(format_table(figures))
     if request.json_path:
         Path(request.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(request.json_path).write_text(json.dumps(figures, indent=2) + "\n")
+        write_atomic(request.json_path, json.dumps(figures, indent=2) + "\n")
         print(f"wrote {request.json_path}")
     if stopped:
         print(f"error: {stopped}; the figures above cover those images only", file=sys.stderr)

@@ -26,7 +26,8 @@ import numpy as np
 
 from cheapnet_jax import cli
 from cheapnet_jax.checkpoints import load_checkpoint
-from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet
+from cheapnet_jax.files import write_atomic
+from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet, check_input_shape
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
 
 ONNX_OPSET = 17
@@ -130,15 +131,17 @@ def load_stablehlo(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
 
 
 def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512) -> Path:
-    """Write ``checkpoint`` (authors' .pkl or a workdir) as ``fmt`` to ``out``."""
+    """Write ``checkpoint`` (authors' .pkl or a workdir) as ``fmt`` to ``out``; nothing is
+    written for an ``image_size`` the network cannot take (not a multiple of 16)."""
+    check_input_shape((1, image_size, image_size, 1))
     loaded = load_checkpoint(checkpoint)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        out_path.write_bytes(to_onnx(loaded.variables, image_size).SerializeToString())
+        write_atomic(out_path, to_onnx(loaded.variables, image_size).SerializeToString())
     elif fmt == "stablehlo":
         reference = CheapNet(loaded.model.features, impl="lax")  # portable to any backend
-        out_path.write_bytes(to_stablehlo(reference, loaded.variables, image_size))
+        write_atomic(out_path, to_stablehlo(reference, loaded.variables, image_size))
     elif fmt == "torch":
         from cheapnet_jax.torch_import import save_torch_checkpoint
 
@@ -153,7 +156,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="authors' .pkl or a training workdir")
     parser.add_argument("--format", required=True, choices=["onnx", "stablehlo", "torch"])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--image-size", type=int, default=512, help="H = W of the input")
+    parser.add_argument(
+        "--image-size", type=cli.image_size, default=512, help="H = W of the input (x16)"
+    )
     args = parser.parse_args(argv)
     path = export_checkpoint(args.checkpoint, args.format, args.out, args.image_size)
     print(f"wrote {path} ({args.format}, {path.stat().st_size:,} bytes)")

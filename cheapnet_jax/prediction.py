@@ -12,8 +12,10 @@ from it at the end.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import hashlib
+import io
 import json
 import os
 import sys
@@ -32,6 +34,7 @@ from cheapnet_jax import data
 from cheapnet_jax.checkpoints import LoadedModel, Normalization
 from cheapnet_jax.detection import detections_from_probabilities
 from cheapnet_jax.evaluation import pad_batch
+from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, inference_logits
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -64,7 +67,7 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
         else:
             matches = sorted(Path(p) for p in glob.glob(item))
             if not matches:
-                raise FileNotFoundError(f"{item}: no such file, folder or matching glob")
+                raise FileNotFoundError(errno.ENOENT, "no such file, folder or matching glob", item)
             found += [p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES]
     return list(dict.fromkeys(found))
 
@@ -103,6 +106,7 @@ def image_record(path: Path, found, index: int, warning: str | None) -> dict:
     height, width = found.masks[index].shape
     record = {
         "file": str(path),
+        "key": resume_key(path),
         "verdict": "NG" if defects else "OK",
         "width": width,
         "height": height,
@@ -132,11 +136,14 @@ def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, record: Mappi
         draw.rectangle((x1, y1, x2, y2), outline=(255, 255, 0), width=2)
         draw.text((x1, max(0, y1 - 12)), f"{defect['area']} px", fill=(255, 255, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
-    overlay.save(path)
+    encoded = io.BytesIO()
+    overlay.save(encoded, format="PNG")
+    write_atomic(path, encoded.getvalue())
 
 
 def _decode(path: Path):
     try:
+        data.check_regular_file(path)
         image, warning = read_image(path)
         return path, image, warning, None
     except data.DataError as err:
@@ -158,26 +165,39 @@ def _batches(decoded: Iterator, batch_size: int) -> Iterator[tuple[list, list]]:
         yield batch, []
 
 
-def finished_files(out_dir: Path) -> set[str]:
-    """Files already predicted in ``defects.jsonl`` (for resume; failed ones are tried again).
+def resume_key(path: Path) -> str:
+    """The identity of an input file for resume: its absolute path with links resolved, so
+    that ``imgs/a.png``, ``./imgs//a.png`` and ``/abs/imgs/a.png`` are one file."""
+    return os.fsdecode(os.path.realpath(path))
 
-    The file is rewritten with its complete records only: a line cut by a crash is dropped
-    (that image is predicted again) and new records start on a line of their own.
-    """
+
+def read_records(out_dir: Path) -> list[dict]:
+    """The complete records of ``defects.jsonl`` (a line cut by a crash is skipped)."""
     records_file = out_dir / RECORDS_FILE
     if not records_file.is_file():
-        return set()
-    kept, done = [], set()
-    for line in records_file.read_text().splitlines():
+        return []
+    records = []
+    text = records_file.read_text(encoding="utf-8", errors="surrogateescape")
+    for line in text.splitlines():
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        kept.append(line)
-        if "error" not in record:
-            done.add(record["file"])
-    records_file.write_text("".join(f"{line}\n" for line in kept))
-    return done
+    return records
+
+
+def finished_files(out_dir: Path) -> set[str]:
+    """Resume keys (`resume_key`) of the files already predicted in ``defects.jsonl``; failed
+    ones are tried again.
+
+    The file is rewritten, atomically, with its complete records only: a line cut by a crash
+    is dropped (that image is predicted again) and new records start on a line of their own.
+    """
+    records = read_records(out_dir)
+    if not (out_dir / RECORDS_FILE).is_file():
+        return set()
+    write_atomic(out_dir / RECORDS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    return {r.get("key", r["file"]) for r in records if "error" not in r}
 
 
 def predict_files(
@@ -187,22 +207,32 @@ def predict_files(
     normalization: Normalization,
     options: PredictOptions = PredictOptions(),
 ) -> dict:
-    """Run the detector over ``paths``; returns ``{"images", "failed", "skipped"}`` counts."""
+    """Run the detector over ``paths``; returns ``{"images", "failed", "skipped"}`` counts.
+
+    ``out_dir`` is locked while the run uses it: a second run on it stops with
+    FolderInUseError instead of interleaving its records with this one's.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir, "predict.py run"):
+        return _predict_files(loaded, paths, out_dir, normalization, options)
+
+
+def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
     done = finished_files(out_dir) if options.resume else set()
     if not options.resume:
         (out_dir / RECORDS_FILE).unlink(missing_ok=True)
-    todo = [p for p in paths if str(p) not in done]
+    todo = [p for p in paths if resume_key(p) not in done]
     counts = {"images": 0, "failed": 0, "skipped": len(paths) - len(todo)}
     progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
     # Decoding threads stay a bounded distance ahead of the device's work.
     decoded = data.threaded_map(_decode, todo, options.decode_threads, ahead=2 * options.batch_size)
-    with (out_dir / RECORDS_FILE).open("a") as records:
+    records_file = out_dir / RECORDS_FILE
+    with records_file.open("a", encoding="utf-8", errors="surrogateescape") as records:
         for batch, errors in _batches(decoded, options.batch_size):
             for path, error in errors:
                 print(f"error: {error}", file=sys.stderr)
-                records.write(json.dumps({"file": str(path), "error": error}) + "\n")
+                record = {"file": str(path), "key": resume_key(path), "error": error}
+                records.write(json.dumps(record) + "\n")
                 counts["failed"] += 1
             if batch:
                 _predict_batch(loaded, batch, out_dir, normalization, options, records)
@@ -240,35 +270,32 @@ def _predict_batch(loaded, batch, out_dir, normalization, options, records) -> N
 def write_summaries(out_dir: Path) -> None:
     """``defects.json`` (all records) and ``defects.csv`` (a row per defect, and per image
     without defects or with an error) from ``defects.jsonl``."""
-    lines = (out_dir / RECORDS_FILE).read_text().splitlines()
     records = {}
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records[record["file"]] = record  # a re-run's record replaces an older one
-    (out_dir / "defects.json").write_text(json.dumps(list(records.values()), indent=2) + "\n")
+    for record in read_records(out_dir):
+        # a re-run's record replaces an older one
+        records[record.get("key", record["file"])] = record
+    write_atomic(out_dir / "defects.json", json.dumps(list(records.values()), indent=2) + "\n")
     columns = ["file", "verdict", "x1", "y1", "x2", "y2", "area", "score", "error"]
-    with (out_dir / "defects.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, columns)
-        writer.writeheader()
-        for record in records.values():
-            base = {"file": record["file"], "verdict": record.get("verdict", "ERROR")}
-            if "error" in record:
-                writer.writerow({**base, "error": record["error"]})
-            elif not record["defects"]:
-                writer.writerow(base)
-            for defect in record.get("defects", []):
-                x1, y1, x2, y2 = defect["box"]
-                writer.writerow(
-                    {
-                        **base,
-                        "x1": x1,
-                        "y1": y1,
-                        "x2": x2,
-                        "y2": y2,
-                        "area": defect["area"],
-                        "score": defect["score"],
-                    }
-                )
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    for record in records.values():
+        base = {"file": record["file"], "verdict": record.get("verdict", "ERROR")}
+        if "error" in record:
+            writer.writerow({**base, "error": record["error"]})
+        elif not record["defects"]:
+            writer.writerow(base)
+        for defect in record.get("defects", []):
+            x1, y1, x2, y2 = defect["box"]
+            writer.writerow(
+                {
+                    **base,
+                    "x1": x1,
+                    "y1": y1,
+                    "x2": x2,
+                    "y2": y2,
+                    "area": defect["area"],
+                    "score": defect["score"],
+                }
+            )
+    write_atomic(out_dir / "defects.csv", table.getvalue())

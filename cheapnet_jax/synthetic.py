@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from cheapnet_jax import cli
 from cheapnet_jax.data import LABELS_FILE, check_image_size
 
 Texture = Callable[[np.random.Generator, int], np.ndarray]
@@ -234,11 +235,13 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder to write (DAGM layout)")
-    parser.add_argument("--count", type=int, default=10, help="defective images (default 10)")
-    parser.add_argument("--size", type=int, default=512, help="image size (default 512)")
+    parser.add_argument("--count", type=cli.count, default=10, help="defective images (default 10)")
+    parser.add_argument("--size", type=cli.image_size, default=512, help="image size (default 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-id", type=int, default=0, help="first line of Labels.txt")
-    parser.add_argument("--defect-free", type=int, default=0, help="images without a defect")
+    parser.add_argument(
+        "--defect-free", type=cli.non_negative, default=0, help="images without a defect"
+    )
     args = parser.parse_args(argv)
     folder = write_dagm_folder(
         args.out, args.count, args.size, args.seed, args.class_id, args.defect_free
@@ -250,7 +253,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     import sys
-
-    from cheapnet_jax import cli
 
     sys.exit(cli.run(main, sys.argv[1:]))

@@ -10,6 +10,8 @@ with arbitrary code execution.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 from collections.abc import Mapping
 
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheapnet_jax.files import write_atomic
 from cheapnet_jax.model import CheapNet, Impl
 
 CONV_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "bottleneck", "output")
@@ -85,7 +88,7 @@ def _hwio_to_transposed_torch(kernel: np.ndarray, groups: int) -> np.ndarray:
 def _read_state_dict(path: str | os.PathLike) -> Mapping[str, object]:
     torch = _import_torch()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} does not exist")
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", os.fspath(path))
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
@@ -208,4 +211,6 @@ def variables_to_state_dict(variables: Mapping) -> dict:
 def save_torch_checkpoint(variables: Mapping, path: str | os.PathLike) -> None:
     """Write ``{"CheapNet": state_dict}`` that the authors' PyTorch code loads."""
     torch = _import_torch()
-    torch.save({STATE_DICT_KEY: variables_to_state_dict(variables)}, path)
+    buffer = io.BytesIO()
+    torch.save({STATE_DICT_KEY: variables_to_state_dict(variables)}, buffer)
+    write_atomic(path, buffer.getvalue())

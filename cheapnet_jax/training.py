@@ -16,6 +16,7 @@ ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from cheapnet_jax import data, metrics, synthetic
 from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
+from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.losses import LOSSES, Loss, bce_with_logits
 from cheapnet_jax.model import CheapNet, init_variables
 
@@ -338,6 +340,13 @@ def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> d
         )
     primary = jax.process_index() == 0
     workdir = Path(config.workdir)
+    # Process 0 holds the workdir's lock for the run: a second run on it stops at once.
+    with exclusive_lock(workdir, "training run") if primary else contextlib.nullcontext():
+        return _locked_train(config, devices, primary, allow_changes)
+
+
+def _locked_train(config: TrainConfig, devices: list, primary: bool, allow_changes: bool) -> dict:
+    workdir = Path(config.workdir)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
         saved = checkpoints.latest_meta()
@@ -349,8 +358,8 @@ def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> d
                     "use another --workdir, or --allow-changes to continue it with the new ones"
                 )
         if primary:
-            (workdir / "config.json").write_text(json.dumps(_jsonable(config), indent=2) + "\n")
-            (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+            write_atomic(workdir / "config.json", json.dumps(_jsonable(config), indent=2) + "\n")
+            write_atomic(workdir / "command.txt", " ".join(sys.argv) + "\n")
         return _train(config, checkpoints, devices, primary)
     finally:
         checkpoints.close()

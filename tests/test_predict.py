@@ -119,7 +119,9 @@ def test_thread_and_batch_counts_must_be_positive(tmp_path):
     result = run_predict(
         "--checkpoint", "x.pkl", str(tmp_path), "--out", str(tmp_path), "--decode-threads", "0"
     )
-    assert result.returncode == 2 and "--decode-threads must be >= 1, got 0" in result.stderr
+    assert (
+        result.returncode == 2 and "argument --decode-threads: '0': must be >= 1" in result.stderr
+    )
 
 
 def test_predict_with_an_orbax_checkpoint_uses_its_normalisation(tmp_path):
