@@ -72,8 +72,15 @@ def default_batch_size(features: int, height: int = 512, width: int = 512) -> in
     return int(max(1, min(16, _ACTIVATION_BUDGET_BYTES // per_image)))
 
 
+def compiled_batch_size(count: int, batch_size: int) -> int:
+    """The batch a chunk of ``count`` images runs as: the smallest power of two >= count,
+    at most ``batch_size``. A short last batch then costs about its own size instead of a
+    full batch of blank images, with at most log2(batch_size) + 1 compiled shapes."""
+    return min(batch_size, 1 << max(0, count - 1).bit_length())
+
+
 def pad_batch(array: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pad axis 0 to ``batch_size`` with zeros, so that every batch has one compiled shape."""
+    """Pad axis 0 to ``batch_size`` with zeros, so that batches share compiled shapes."""
     missing = batch_size - array.shape[0]
     if missing <= 0:
         return array
@@ -180,9 +187,10 @@ def evaluate_folder(
             batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress
         ):
             n = len(chunk)
-            x = pad_batch(data.normalize(images, normalization.mean, normalization.std), batch_size)
+            padded = compiled_batch_size(n, batch_size)
+            x = pad_batch(data.normalize(images, normalization.mean, normalization.std), padded)
             found = _first(detector(variables, jnp.asarray(x)), n)
-            tally.add(found, _first(truth_of(pad_batch(masks, batch_size)), n), masks)
+            tally.add(found, _first(truth_of(pad_batch(masks, padded)), n), masks)
             evaluated, image_size = evaluated + n, list(images.shape[1:3])
     except data.DataError as err:
         partial = (

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cheapnet_jax import data
 from cheapnet_jax.checkpoints import LoadedModel, Normalization
 from cheapnet_jax.detection import detections_from_probabilities
-from cheapnet_jax.evaluation import pad_batch
+from cheapnet_jax.evaluation import compiled_batch_size, pad_batch
 from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, inference_logits
 
@@ -248,7 +248,7 @@ def _predict_batch(loaded, batch, out_dir, normalization, options, records) -> N
     height, width = batch[0][1].shape
     padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])
     x = data.normalize(padded, normalization.mean, normalization.std)
-    x = pad_batch(x, options.batch_size)  # one compiled shape per image size
+    x = pad_batch(x, compiled_batch_size(len(batch), options.batch_size))
     found = _detect_cropped(
         loaded.variables,
         jnp.asarray(x),

@@ -7,15 +7,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import tensorflow_datasets as tfds
 
 from cheapnet_jax import cli
+from cheapnet_jax.data import DataError
 from datasets.dagm2007.dagm2007_dataset_builder import Builder
 
 
 def build(manual_dir: str, config: str, data_dir: str | None = None) -> Builder:
-    """Prepare one config in array_record files; returns the builder (``as_data_source()``)."""
+    """Prepare one config in array_record files; returns the builder (``as_data_source()``).
+
+    DataError when ``manual_dir`` does not hold the download (TFDS would raise an assertion).
+    """
+    folder = Path(manual_dir)
+    if not folder.is_dir() or not any(folder.glob("Class*")):
+        raise DataError(
+            f"{manual_dir}: no DAGM 2007 download there (--manual-dir must hold Class1 .. "
+            "Class10, each with Train/ and Test/)"
+        )
     builder = Builder(config=config, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
