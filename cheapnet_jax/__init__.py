@@ -1,20 +1,19 @@
 """cheapnet-jax: CheapNet for defect segmentation and detection in JAX/Flax."""
 
 from cheapnet_jax.detection import Detections, detect, make_detector
+from cheapnet_jax.errors import CheckpointError, DataError, UserError
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
 from cheapnet_jax.model import VARIANTS, CheapNet, param_count
-from cheapnet_jax.torch_import import (
-    CheckpointError,
-    load_torch_checkpoint,
-    save_torch_checkpoint,
-)
+from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint
 
 __all__ = [
     "VARIANTS",
     "CheapNet",
     "CheckpointError",
     "ComponentStats",
+    "DataError",
     "Detections",
+    "UserError",
     "component_stats",
     "detect",
     "label_components",

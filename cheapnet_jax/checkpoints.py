@@ -26,8 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD
+from cheapnet_jax.errors import CheckpointError
 from cheapnet_jax.model import CheapNet, Impl, init_variables
-from cheapnet_jax.torch_import import CheckpointError, load_torch_checkpoint
+from cheapnet_jax.torch_import import load_torch_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -148,16 +149,24 @@ class Checkpoints:
         if step is None:
             return None
         target = placed(abstract_state, sharding)
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(
-                    {"params": target.params, "batch_stats": target.batch_stats}
+        try:
+            restored = self.latest.restore(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardRestore(
+                        {"params": target.params, "batch_stats": target.batch_stats}
+                    ),
+                    opt=ocp.args.StandardRestore(
+                        {"step": target.step, "opt_state": target.opt_state}
+                    ),
+                    meta=ocp.args.JsonRestore(),
                 ),
-                opt=ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state}),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+            )
+        except Exception as err:  # orbax and tensorstore raise many types for damaged files
+            raise CheckpointError(
+                f"{self.latest.directory / str(step)}: cannot resume from this checkpoint "
+                f"({type(err).__name__}: {_first_words(err)})"
+            ) from err
         meta = restored["meta"]
         if meta.get("best_miou") is not None and math.isfinite(meta["best_miou"]):
             self.best_miou = meta["best_miou"]

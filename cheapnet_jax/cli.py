@@ -2,11 +2,12 @@
 
     sys.exit(cli.run(main, sys.argv[1:]))
 
-Bad data (`DataError`), a checkpoint that does not fit (`CheckpointError`), a diverged run
-(`TrainingDivergedError`), a bad setting (``ValueError``) and an operating-system error on a
-path (a missing file, a read-only folder, a full disk: ``OSError`` with its file name) print
-``error: <message>`` (the message names the file or flag) and exit with status 1. Set
-``CHEAPNET_TRACEBACK=1`` to see the traceback instead.
+A `UserError` (bad data, a checkpoint that does not fit, settings that cannot work, a diverged
+run, a folder in use) and an operating-system error on a path (a missing file, a read-only
+folder, a full disk: ``OSError`` with its file name) print ``error: <message>`` (the message
+names the file or flag) and exit with status 1. Anything else keeps its traceback: it is a
+bug, not a user's mistake. Set ``CHEAPNET_TRACEBACK=1`` to see the traceback of a user error
+too.
 
 The argparse types below check a flag's value where it is parsed, so that argparse's own
 message names the flag and the accepted range.
@@ -20,14 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    # Imported only once an error is raised: train.py must configure JAX before importing it.
-    from cheapnet_jax.files import FolderInUseError
-    from cheapnet_jax.torch_import import CheckpointError
-    from cheapnet_jax.training import TrainingDivergedError
-
-    return (CheckpointError, TrainingDivergedError, FolderInUseError, ValueError)
+from cheapnet_jax.errors import UserError
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
@@ -40,7 +34,7 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
         target = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
         print(f"error: {target}: {err.strerror or err}", file=sys.stderr)
         return 1
-    except _user_errors() as err:
+    except UserError as err:
         if os.environ.get("CHEAPNET_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from cheapnet_jax.errors import DataError
 from cheapnet_jax.model import SIZE_MULTIPLE
 
 T = TypeVar("T")
@@ -37,10 +38,6 @@ CLASS6_MEAN = 0.348
 CLASS6_STD = 0.278
 """The authors' normalisation standard deviation of pixel/255."""
 LABELS_FILE = Path("Label") / "Labels.txt"
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 
 from cheapnet_jax import cli
 from cheapnet_jax.checkpoints import load_checkpoint
+from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet, check_input_shape
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
@@ -147,7 +148,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512
 
         save_torch_checkpoint(loaded.variables, out_path)
     else:
-        raise ValueError(f"format must be onnx, stablehlo or torch, got {fmt!r}")
+        raise SettingsError(f"format must be onnx, stablehlo or torch, got {fmt!r}")
     return out_path
 
 

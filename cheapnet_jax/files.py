@@ -10,11 +10,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cheapnet_jax.errors import FolderInUseError
+
 LOCK_FILE = ".lock"
-
-
-class FolderInUseError(RuntimeError):
-    """Another process holds the folder's lock: a second run would mix its files with ours."""
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:

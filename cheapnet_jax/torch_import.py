@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheapnet_jax.errors import CheckpointError
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.model import CheapNet, Impl
 
@@ -26,10 +27,6 @@ CONV_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "bottleneck", "ou
 TRANSPOSED_BLOCKS = ("decoder1", "decoder2", "decoder3", "decoder4")
 BLOCKS = (*CONV_BLOCKS[:5], *TRANSPOSED_BLOCKS, "output")
 STATE_DICT_KEY = "CheapNet"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit CheapNet."""
 
 
 def _import_torch():

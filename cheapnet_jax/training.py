@@ -35,15 +35,12 @@ from tqdm import tqdm
 
 from cheapnet_jax import data, metrics, synthetic
 from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
+from cheapnet_jax.errors import SettingsError, TrainingDivergedError
 from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.losses import LOSSES, Loss, bce_with_logits
 from cheapnet_jax.model import CheapNet, init_variables
 
 AXIS = "batch"
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -277,23 +274,23 @@ def check_config(config: TrainConfig) -> None:
     }
     for flag, value in counts.items():
         if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+            raise SettingsError(f"{flag} must be >= 1, got {value}")
     for flag, value in (("--lr", config.lr), ("--gamma", config.gamma)):
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{flag} must be a finite number > 0, got {value}")
+            raise SettingsError(f"{flag} must be a finite number > 0, got {value}")
     milestones = list(config.milestones)
     if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
-        raise ValueError(
+        raise SettingsError(
             f"--milestones must be increasing epochs >= 1, got {','.join(map(str, milestones))}"
         )
     if config.image_size < 16 or config.image_size % 16:
-        raise ValueError(f"--image-size must be a multiple of 16, got {config.image_size}")
+        raise SettingsError(f"--image-size must be a multiple of 16, got {config.image_size}")
     if config.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+        raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if config.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+        raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+        raise SettingsError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
 
 
 def changed_settings(saved: Mapping, config: TrainConfig) -> list[str]:
@@ -310,13 +307,13 @@ def training_devices(config: TrainConfig) -> list[jax.Device]:
     """The devices pmap spans: ``config.devices`` local ones, or every process's devices."""
     local = jax.local_devices()
     if len(local) < config.devices:
-        raise ValueError(
+        raise SettingsError(
             f"--devices {config.devices}: only {len(local)} {jax.default_backend()} devices here"
         )
     if jax.process_count() == 1:
         return local[: config.devices]
     if config.devices != len(local):
-        raise ValueError(
+        raise SettingsError(
             f"--devices {config.devices}: with several processes each must use all its "
             f"{len(local)} local devices"
         )
@@ -335,7 +332,7 @@ def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> d
     check_config(config)
     devices = training_devices(config)
     if config.batch_size % len(devices):
-        raise ValueError(
+        raise SettingsError(
             f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices"
         )
     primary = jax.process_index() == 0
@@ -353,7 +350,7 @@ def _locked_train(config: TrainConfig, devices: list, primary: bool, allow_chang
         if saved is not None and not allow_changes:
             changes = changed_settings(saved["config"], config)
             if changes:
-                raise ValueError(
+                raise SettingsError(
                     f"{workdir} holds a run with other settings ({'; '.join(changes)}): "
                     "use another --workdir, or --allow-changes to continue it with the new ones"
                 )
@@ -368,7 +365,7 @@ def _locked_train(config: TrainConfig, devices: list, primary: bool, allow_chang
 def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary: bool) -> dict:
     dataset = load_dataset(config)
     if len(dataset.train_images) < config.batch_size:
-        raise ValueError(
+        raise SettingsError(
             f"{len(dataset.train_images)} training images, fewer than one batch of "
             f"{config.batch_size}"
         )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cheapnet_jax.data import DataError
+from cheapnet_jax.errors import DataError
 from cheapnet_jax.synthetic import write_dagm_folder
 from datasets.dagm2007.build import build as build_dataset
 from datasets.dagm2007.build import main as build_main

@@ -18,10 +18,10 @@ from conftest import REPO_ROOT, checkpoint_path, cli_env, small_config
 from cheapnet_jax import CheapNet, synthetic
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.data import shard_batch
+from cheapnet_jax.errors import TrainingDivergedError
 from cheapnet_jax.torch_import import state_dict_to_variables
 from cheapnet_jax.training import (
     AXIS,
-    TrainingDivergedError,
     TrainState,
     create_state,
     parallel_train_step,

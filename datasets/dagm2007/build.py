@@ -12,7 +12,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from cheapnet_jax import cli
-from cheapnet_jax.data import DataError
+from cheapnet_jax.errors import DataError
 from datasets.dagm2007.dagm2007_dataset_builder import Builder
 
 
