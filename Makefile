@@ -1,6 +1,6 @@
 # The two commands of the README:
-#   make demo   installs everything into .venv and runs the main job on built-in data
-#   make test   installs everything into .venv and runs lint + the whole test suite
+#   make demo   installs the core package into .venv and runs the main job on built-in data
+#   make test   installs everything into .venv (torch, test tools) and runs lint + all tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,20 +8,26 @@ BIN := $(VENV)/bin
 # that the 'torch' extra's range is already satisfied and pulls no multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint
+.PHONY: install install-core demo test lint
 
+install-core: $(VENV)/.core-installed
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The core alone: what training, evaluation and prediction import (no torch, no TensorFlow).
+$(VENV)/.core-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core-installed
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[torch,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
 # Train CheapNet-S on the built-in synthetic data (about 2 minutes on 2 CPU cores), then
 # evaluate its best checkpoint on the synthetic test split. Running it again resumes/reuses.
-demo: install
+demo: install-core
 	$(BIN)/python train.py --variant S --data synthetic --image-size 128 --batch-size 4 \
 		--epochs 80 --milestones 60,70 --workdir runs/demo --no-progress
 	$(BIN)/python evaluate.py --checkpoint runs/demo --data synthetic --no-progress \

@@ -102,7 +102,7 @@ def write_json(path: str | os.PathLike, rows: Sequence[dict], **extra) -> None:
 def jit_bench_row(features: int, batch: int, image_size: int, runs: int) -> dict:
     """Compile time, latency and throughput of segmentation and of segmentation + labeling."""
     from cheapnet_jax.detection import make_detector
-    from cheapnet_jax.evaluation import count_params, paper_gflops, xla_gflops
+    from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
     from cheapnet_jax.model import CheapNet, inference_logits, init_variables
 
     model = CheapNet(features)

@@ -274,3 +274,11 @@ def load_checkpoint(path: str | os.PathLike, impl: Impl = "auto") -> LoadedModel
     if bad_key is not None:
         raise CheckpointError(f"{path}: non-finite weights (NaN or inf), first in {bad_key}")
     return loaded
+
+
+def resolve_normalization(flag: tuple[float, float] | None, loaded: LoadedModel) -> Normalization:
+    """``--normalization`` first, then the checkpoint's own statistics, then the authors'
+    Class-6 values."""
+    if flag is not None:
+        return Normalization(*flag)
+    return loaded.normalization or AUTHORS_NORMALIZATION

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,51 +15,14 @@ from tqdm import tqdm
 from cheapnet_jax import data, metrics
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
-    LoadedModel,
     Normalization,
-    load_checkpoint,
 )
 from cheapnet_jax.detection import Detections, make_detector
-from cheapnet_jax.files import write_atomic
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
-from cheapnet_jax.model import CheapNet, init_variables
-from cheapnet_jax.synthetic import write_dagm_folder
+from cheapnet_jax.model import CheapNet
 
-PAPER_FLOPS_PER_G = 12_686_336
-PAPER_FLOPS_CONSTANT = 1_048_576
-PAPER_IMAGE_PIXELS = 512 * 512
 # Activation budget used to pick a batch size: one [B, H, W, G] float32 map of about 256 MiB.
 _ACTIVATION_BUDGET_BYTES = 256 * 2**20
-
-
-def count_params(variables: Mapping) -> int:
-    """Number of trainable parameters (the ``params`` collection)."""
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(variables["params"])))
-
-
-def paper_gflops(features: int, height: int = 512, width: int = 512) -> float:
-    """The paper's GFLOPs per image (thop: conv multiply-adds without bias + 4 per BN element).
-
-    12,686,336*G + 1,048,576 at 512x512; every term scales with the pixel count.
-    """
-    per_512 = PAPER_FLOPS_PER_G * features + PAPER_FLOPS_CONSTANT
-    return per_512 * (height * width) / PAPER_IMAGE_PIXELS / 1e9
-
-
-def xla_gflops(model: CheapNet, variables: Mapping, height: int = 512, width: int = 512) -> float:
-    """GFLOPs per image that XLA's cost analysis counts for the compiled inference pass.
-
-    XLA counts a multiply-add as 2 FLOPs and includes bias, BatchNorm, LeakyReLU and sigmoid.
-    The count is of the reference (``lax`` convolution) form, whatever ``model.impl`` is: the
-    fused CPU form computes the same arithmetic, but XLA also counts its padding and shifts.
-    """
-    reference = CheapNet(model.features, impl="lax")
-    spec = jax.ShapeDtypeStruct((1, height, width, 1), jnp.float32)
-    lowered = jax.jit(lambda v, x: jax.nn.sigmoid(reference.apply(v, x))).lower(variables, spec)
-    cost = lowered.compile().cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax returned one dict per computation
-        cost = cost[0]
-    return float(cost["flops"]) / 1e9
 
 
 def default_batch_size(features: int, height: int = 512, width: int = 512) -> int:
@@ -211,111 +170,3 @@ class EvaluationStopped(data.DataError):
     def __init__(self, message: str, partial: dict | None):
         super().__init__(message)
         self.partial = partial
-
-
-@dataclass(frozen=True)
-class EvaluationRequest:
-    """What `evaluate.py` was asked to do (the parsed command line)."""
-
-    checkpoint: str | None = None
-    data_source: str = "synthetic"
-    json_path: str | None = None
-    features: int = 2
-    mean: float | None = None  # None: the checkpoint's statistics, else the authors' Class 6
-    std: float | None = None
-    threshold: float = 0.5
-    batch_size: int | None = None
-    impl: str = "auto"
-    image_size: int | None = None  # synthetic data: None = the training size, else 256
-    progress: bool = True
-
-
-def load_model(request: EvaluationRequest) -> LoadedModel:
-    """The request's checkpoint (see `load_checkpoint`), or an untrained model without one."""
-    if request.checkpoint is None:
-        model = CheapNet(request.features, impl=request.impl)
-        variables = init_variables(model, jax.random.key(0))
-        return LoadedModel(model, variables, f"untrained CheapNet(G={request.features}), seed 0")
-    return load_checkpoint(request.checkpoint, request.impl)
-
-
-def resolve_normalization(request: EvaluationRequest, loaded: LoadedModel) -> Normalization:
-    """Flags first, then the checkpoint's own statistics, then the authors' Class-6 values."""
-    base = loaded.normalization or Normalization()
-    return Normalization(
-        base.mean if request.mean is None else request.mean,
-        base.std if request.std is None else request.std,
-    )
-
-
-def format_table(figures: Mapping[str, object]) -> str:
-    """The figures as an aligned two-column text table."""
-    rows = [
-        ("params", f"{figures['params']:,}"),
-        ("GFLOPs (XLA, per image)", f"{figures['gflops']:.4f}"),
-        ("GFLOPs (paper, thop)", f"{figures['gflops_paper']:.4f}"),
-        ("images", str(figures["images"])),
-        ("mIoU", f"{figures['miou']:.4f}"),
-        ("IoU background", f"{figures['iou_background']:.4f}"),
-        ("IoU defect", f"{figures['iou_defect']:.4f}"),
-        ("mAcc", f"{figures['macc']:.4f}"),
-        ("pixel accuracy", f"{figures['pixel_acc']:.4f}"),
-        ("mAP (paper protocol)", f"{figures['map_paper']:.4f}"),
-        ("AP50 (paper protocol)", f"{figures['ap50_paper']:.4f}"),
-        ("mAP (components)", f"{figures['map_component']:.4f}"),
-        ("AP50 (components)", f"{figures['ap50_component']:.4f}"),
-        ("predicted components", str(figures["predicted_components"])),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def run_evaluation(request: EvaluationRequest) -> int:
-    """Evaluate, print the table, write JSON if asked; returns the process exit status."""
-    loaded = load_model(request)
-    model, variables, source = loaded.model, loaded.variables, loaded.source
-    normalization = resolve_normalization(request, loaded)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = request.data_source
-        if folder == "synthetic":
-            size = request.image_size or loaded.image_size or 256
-            folder = write_dagm_folder(Path(scratch) / "synthetic", count=16, size=size)
-        stopped = None
-        try:
-            results = evaluate_folder(
-                model,
-                variables,
-                folder,
-                normalization=normalization,
-                threshold=request.threshold,
-                batch_size=request.batch_size,
-                progress=request.progress,
-            )
-        except EvaluationStopped as err:
-            if err.partial is None:
-                raise
-            results, stopped = err.partial, str(err)
-    height, width = results.pop("image_size")
-    figures = {
-        "checkpoint": source,
-        "data": str(request.data_source),
-        "features": model.features,
-        "normalization": {"mean": normalization.mean, "std": normalization.std},
-        "params": count_params(variables),
-        "gflops": xla_gflops(model, variables, height, width),
-        "gflops_paper": paper_gflops(model.features, height, width),
-        "image_size": [height, width],
-        **results,
-    }
-    if stopped:
-        figures["incomplete"] = stopped
-    print(f"CheapNet(G={model.features}) from {source} on {request.data_source}")
-    print(format_table(figures))
-    if request.json_path:
-        Path(request.json_path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(request.json_path, json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {request.json_path}")
-    if stopped:
-        print(f"error: {stopped}; the figures above cover those images only", file=sys.stderr)
-        return 1
-    return 0

@@ -1,6 +1,7 @@
 """Export a checkpoint for deployment: ONNX, StableHLO (jax.export) or the authors' torch format.
 
     python -m cheapnet_jax.export --checkpoint runs/demo --format onnx --out cheapnet.onnx
+    cheapnet-export --checkpoint runs/demo --format onnx --out cheapnet.onnx
 
 - ``onnx``: a graph written directly with `onnx.helper` from the authors' tensor layout (Conv,
   ConvTranspose with groups, BatchNormalization, LeakyRelu, Concat, Sigmoid); input ``x``
@@ -14,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cheapnet_jax import cli
 from cheapnet_jax.checkpoints import load_checkpoint
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import write_atomic
@@ -32,6 +31,7 @@ from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet, check_input_sh
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
 
 ONNX_OPSET = 17
+FORMATS = ("onnx", "stablehlo", "torch")
 # Each decoder/output block reads the concatenation of a skip connection and the previous block.
 _INPUTS = {
     "encoder1": ["x"],
@@ -134,6 +134,8 @@ def load_stablehlo(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
 def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512) -> Path:
     """Write ``checkpoint`` (authors' .pkl or a workdir) as ``fmt`` to ``out``; nothing is
     written for an ``image_size`` the network cannot take (not a multiple of 16)."""
+    if fmt not in FORMATS:
+        raise SettingsError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     check_input_shape((1, image_size, image_size, 1))
     loaded = load_checkpoint(checkpoint)
     out_path = Path(out)
@@ -143,28 +145,16 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512
     elif fmt == "stablehlo":
         reference = CheapNet(loaded.model.features, impl="lax")  # portable to any backend
         write_atomic(out_path, to_stablehlo(reference, loaded.variables, image_size))
-    elif fmt == "torch":
+    else:  # torch
         from cheapnet_jax.torch_import import save_torch_checkpoint
 
         save_torch_checkpoint(loaded.variables, out_path)
-    else:
-        raise SettingsError(f"format must be onnx, stablehlo or torch, got {fmt!r}")
     return out_path
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="authors' .pkl or a training workdir")
-    parser.add_argument("--format", required=True, choices=["onnx", "stablehlo", "torch"])
-    parser.add_argument("--out", required=True)
-    parser.add_argument(
-        "--image-size", type=cli.image_size, default=512, help="H = W of the input (x16)"
-    )
-    args = parser.parse_args(argv)
-    path = export_checkpoint(args.checkpoint, args.format, args.out, args.image_size)
-    print(f"wrote {path} ({args.format}, {path.stat().st_size:,} bytes)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli.run(main, sys.argv[1:]))
+    # `python -m cheapnet_jax.export`: the command-line tool (imported here, not above, since
+    # the command module imports this one).
+    from cheapnet_jax.cli.export import main
+
+    sys.exit(main())

@@ -39,8 +39,12 @@ from cheapnet_jax.errors import SettingsError, TrainingDivergedError
 from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.losses import LOSSES, Loss, bce_with_logits
 from cheapnet_jax.model import CheapNet, init_variables
+from cheapnet_jax.runlog import MetricsLog
 
 AXIS = "batch"
+LOG_EVERY = 10
+"""Training steps between host syncs (loss and finiteness checks, the progress bar): in between
+the device runs ahead of the host."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,7 @@ def make_train_step(
         finite = jnp.all(
             jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves((params, batch_stats))])
         )
-        return new_state, {"loss": value, "finite": finite, "grads": grads}
+        return new_state, {"loss": value, "finite": finite}
 
     return step
 
@@ -463,7 +467,7 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch, pri
     dtype = DTYPES[config.dtype]
     losses = []
     progress = tqdm(
-        range(steps_per_epoch),
+        total=steps_per_epoch,
         desc=f"epoch {epoch + 1}/{config.epochs}",
         unit="step",
         disable=not (config.progress and primary),
@@ -477,63 +481,35 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch, pri
         return data.shard_batch(x, config.devices), data.shard_batch(y, config.devices)
 
     start = time.perf_counter()
+    first_step = epoch * steps_per_epoch + 1  # runs resume at epoch boundaries
+    pending: list[dict] = []  # step outputs still on the device
     # One thread prepares the next batches while the device runs the current step.
     batches = data.threaded_map(prepare, range(steps_per_epoch), workers=1, ahead=2)
-    for index, (x, y) in zip(progress, batches, strict=True):
+    for index, (x, y) in enumerate(batches):
         state, out = train_step(state, x, y)
-        loss = float(out["loss"])
-        if not (math.isfinite(loss) and bool(out["finite"])):
-            what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became NaN/inf"
-            raise TrainingDivergedError(
-                f"{what} at epoch {epoch + 1}, step {int(state.step)} (lr {lr}); "
-                f"the last good checkpoint is kept in {config.workdir}/{CHECKPOINT_DIR}"
-            )
-        losses.append(loss)
+        pending.append(out)
+        if len(pending) < LOG_EVERY and index + 1 < steps_per_epoch:
+            continue
+        # A log point: the one host sync for the steps since the last one.
+        for offset, checked in enumerate(jax.device_get(pending)):
+            step = first_step + index + 1 - len(pending) + offset
+            _check_step(checked, config, epoch, step, lr)
+            losses.append(float(checked["loss"]))
+        progress.update(len(pending))
+        pending = []
         rate = (index + 1) * config.batch_size / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:g}", img_s=f"{rate:.1f}")
+        progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:g}", img_s=f"{rate:.1f}")
+    progress.close()
     return state, float(np.mean(losses))
 
 
-class MetricsLog:
-    """metrics.jsonl, TensorBoard event files (tensorboardX, no TensorFlow) and a PNG plot."""
-
-    def __init__(self, workdir: Path):
-        from tensorboardX import SummaryWriter
-
-        self.workdir = workdir
-        self.jsonl = workdir / "metrics.jsonl"
-        self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, figures: Mapping) -> None:
-        with self.jsonl.open("a") as file:
-            file.write(json.dumps(figures) + "\n")
-        step = figures["step"]
-        self.writer.add_scalar("train/loss", figures["train_loss"], step)
-        self.writer.add_scalar("train/lr", figures["lr"], step)
-        for name in ("miou", "iou_defect", "macc", "pixel_acc"):
-            self.writer.add_scalar(f"validation/{name}", figures["validation"][name], step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-
-    def plot(self) -> None:
-        if not self.jsonl.is_file():
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
-        epochs = [row["epoch"] + 1 for row in rows]
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        left.plot(epochs, [row["train_loss"] for row in rows])
-        left.set(xlabel="epoch", ylabel="train BCE", yscale="log", title="training loss")
-        for name in ("miou", "iou_defect"):
-            right.plot(epochs, [row["validation"][name] for row in rows], label=name)
-        right.set(xlabel="epoch", title="validation", ylim=(0, 1))
-        right.legend()
-        figure.tight_layout()
-        figure.savefig(self.workdir / "curves.png", dpi=100)
-        plt.close(figure)
+def _check_step(out: Mapping, config: TrainConfig, epoch: int, step: int, lr: float) -> None:
+    """TrainingDivergedError naming the step when its loss or its update is not finite."""
+    loss = float(out["loss"])
+    if math.isfinite(loss) and bool(out["finite"]):
+        return
+    what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became NaN/inf"
+    raise TrainingDivergedError(
+        f"{what} at epoch {epoch + 1}, step {step} (lr {lr}); "
+        f"the last good checkpoint is kept in {config.workdir}/{CHECKPOINT_DIR}"
+    )

@@ -11,7 +11,8 @@ import pytest
 from conftest import checkpoint_path, run_tool
 
 from cheapnet_jax import CheapNet
-from cheapnet_jax.evaluation import evaluate_folder, paper_gflops, xla_gflops
+from cheapnet_jax.evaluation import evaluate_folder
+from cheapnet_jax.flops import paper_gflops, xla_gflops
 from cheapnet_jax.model import init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cheapnet_jax import VARIANTS, CheapNet, param_count
-from cheapnet_jax.evaluation import count_params
+from cheapnet_jax.flops import count_params
 from cheapnet_jax.model import Conv, ConvTranspose, init_variables
 
 torch = pytest.importorskip("torch", reason="torch is the independent reference (extra 'torch')")

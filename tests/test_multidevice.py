@@ -151,7 +151,8 @@ RECORDING_DRIVER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
-from cheapnet_jax import cli, data
+from cheapnet_jax import data
+from cheapnet_jax.cli import train
 original = data.host_share
 def recording(indices, *args):
     share = original(indices, *args)
@@ -160,8 +161,7 @@ def recording(indices, *args):
                               "share": share.tolist()}) + "\\n")
     return share
 data.host_share = recording
-import train
-sys.exit(cli.run(train.main, sys.argv[3:]))
+sys.exit(train.main(sys.argv[3:]))
 """
 
 

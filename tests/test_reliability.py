@@ -32,7 +32,7 @@ from cheapnet_jax.training import train_and_evaluate
         ("train.py", ["--keep-checkpoints", "0"], "argument --keep-checkpoints: '0': must be"),
         ("evaluate.py", ["--threshold", "1.5"], "argument --threshold: '1.5': must be in (0, 1)"),
         ("evaluate.py", ["--threshold", "nan"], "argument --threshold: 'nan' is not a finite"),
-        ("evaluate.py", ["--std", "0"], "argument --std: '0': must be > 0"),
+        ("evaluate.py", ["--normalization", "0.3,0"], "argument --normalization: '0': must be > 0"),
         ("predict.py", ["--normalization", "0.3,nan"], "argument --normalization: 'nan' is not"),
         ("predict.py", ["--normalization", "0.3"], "argument --normalization: '0.3': expected"),
         ("-m cheapnet_jax.export", ["--image-size", "50"], "argument --image-size: '50': must be"),

@@ -49,6 +49,28 @@ def load_reference(path, dtype=torch.float32) -> TorchCheapNet:
     return model.to(dtype).eval()
 
 
+def random_reference(features: int, seed: int = 0, dtype=torch.float32) -> TorchCheapNet:
+    """A CheapNet with PyTorch's random initialisation and random BatchNorm running statistics
+    and affine parameters (so that inference-mode BatchNorm is not the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TorchCheapNet(features)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(0.2 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+    return model.to(dtype).eval()
+
+
+def save_reference(model: TorchCheapNet, path) -> None:
+    """Write ``model`` as the authors do: ``{"CheapNet": state_dict}``."""
+    torch.save({"CheapNet": model.state_dict()}, path)
+
+
 def probabilities_nhwc(model: TorchCheapNet, x_nhwc) -> numpy.ndarray:  # noqa: F821
     """Run on an NHWC numpy batch; returns sigmoid probabilities [B, H, W] as numpy."""
     with torch.no_grad():

@@ -103,6 +103,11 @@ def image_size(text: str) -> int:
     return value
 
 
+def counts(text: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 1 (``1,64,256``)."""
+    return tuple(count(part) for part in text.split(",") if part.strip())
+
+
 def increasing_counts(text: str) -> tuple[int, ...]:
     """Comma-separated increasing integers >= 1 (``60,90``); empty for none."""
     values = tuple(_integer(part) for part in text.split(",") if part.strip())

@@ -1,0 +1,216 @@
+"""``evaluate.py`` / ``cheapnet-evaluate``: evaluate a checkpoint on a DAGM folder, or time it.
+
+    python evaluate.py --checkpoint ../shared/torch-checkpoints/CheapNet_G32.pkl \
+        --data ../shared/dagm-samples/Class6/Train --json out/g32.json
+
+Without --checkpoint, an untrained model of --variant/--features is evaluated (a smoke run of
+the whole pipeline). ``--data synthetic`` writes a small DAGM-like synthetic folder and uses it.
+Every default comes from `EvaluationRequest`, whose field names are the flags' ``dest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from cheapnet_jax import cli
+from cheapnet_jax.checkpoints import (
+    AUTHORS_NORMALIZATION,
+    LoadedModel,
+    load_checkpoint,
+    resolve_normalization,
+)
+from cheapnet_jax.evaluation import EvaluationStopped, evaluate_folder
+from cheapnet_jax.files import write_atomic
+from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
+from cheapnet_jax.model import VARIANTS, CheapNet, init_variables
+from cheapnet_jax.synthetic import write_dagm_folder
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What `evaluate.py` was asked to do (the parsed command line)."""
+
+    checkpoint: str | None = None
+    data_source: str = "synthetic"
+    json_path: str | None = None
+    features: int = 2
+    # None: the checkpoint's statistics, else the authors' Class 6
+    normalization: tuple[float, float] | None = None
+    threshold: float = 0.5
+    batch_size: int | None = None
+    impl: str = "auto"
+    image_size: int | None = None  # synthetic data: None = the training size, else 256
+    progress: bool = True
+
+
+def load_model(request: EvaluationRequest) -> LoadedModel:
+    """The request's checkpoint (see `load_checkpoint`), or an untrained model without one."""
+    if request.checkpoint is None:
+        model = CheapNet(request.features, impl=request.impl)
+        variables = init_variables(model, jax.random.key(0))
+        return LoadedModel(model, variables, f"untrained CheapNet(G={request.features}), seed 0")
+    return load_checkpoint(request.checkpoint, request.impl)
+
+
+def format_table(figures: Mapping[str, object]) -> str:
+    """The figures as an aligned two-column text table."""
+    rows = [
+        ("params", f"{figures['params']:,}"),
+        ("GFLOPs (XLA, per image)", f"{figures['gflops']:.4f}"),
+        ("GFLOPs (paper, thop)", f"{figures['gflops_paper']:.4f}"),
+        ("images", str(figures["images"])),
+        ("mIoU", f"{figures['miou']:.4f}"),
+        ("IoU background", f"{figures['iou_background']:.4f}"),
+        ("IoU defect", f"{figures['iou_defect']:.4f}"),
+        ("mAcc", f"{figures['macc']:.4f}"),
+        ("pixel accuracy", f"{figures['pixel_acc']:.4f}"),
+        ("mAP (paper protocol)", f"{figures['map_paper']:.4f}"),
+        ("AP50 (paper protocol)", f"{figures['ap50_paper']:.4f}"),
+        ("mAP (components)", f"{figures['map_component']:.4f}"),
+        ("AP50 (components)", f"{figures['ap50_component']:.4f}"),
+        ("predicted components", str(figures["predicted_components"])),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run_evaluation(request: EvaluationRequest) -> int:
+    """Evaluate, print the table, write JSON if asked; returns the process exit status."""
+    loaded = load_model(request)
+    model, variables, source = loaded.model, loaded.variables, loaded.source
+    normalization = resolve_normalization(request.normalization, loaded)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = request.data_source
+        if folder == "synthetic":
+            size = request.image_size or loaded.image_size or 256
+            folder = write_dagm_folder(Path(scratch) / "synthetic", count=16, size=size)
+        stopped = None
+        try:
+            results = evaluate_folder(
+                model,
+                variables,
+                folder,
+                normalization=normalization,
+                threshold=request.threshold,
+                batch_size=request.batch_size,
+                progress=request.progress,
+            )
+        except EvaluationStopped as err:
+            if err.partial is None:
+                raise
+            results, stopped = err.partial, str(err)
+    height, width = results.pop("image_size")
+    figures = {
+        "checkpoint": source,
+        "data": str(request.data_source),
+        "features": model.features,
+        "normalization": {"mean": normalization.mean, "std": normalization.std},
+        "params": count_params(variables),
+        "gflops": xla_gflops(model, variables, height, width),
+        "gflops_paper": paper_gflops(model.features, height, width),
+        "image_size": [height, width],
+        **results,
+    }
+    if stopped:
+        figures["incomplete"] = stopped
+    print(f"CheapNet(G={model.features}) from {source} on {request.data_source}")
+    print(format_table(figures))
+    if request.json_path:
+        Path(request.json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(request.json_path, json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {request.json_path}")
+    if stopped:
+        print(f"error: {stopped}; the figures above cover those images only", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate CheapNet on a DAGM folder: params, GFLOPs, mIoU, IoU per class, "
+        "mAcc, pixel accuracy, mAP; or time it (--jit-bench).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--checkpoint", help="an authors' .pkl or a training workdir (none: untrained model)")
+    add("--data", dest="data_source", help="a DAGM class folder (Label/Labels.txt) or 'synthetic'")
+    add("--json", dest="json_path", help="also write the figures to this JSON file")
+    width = parser.add_mutually_exclusive_group()
+    width.add_argument("--variant", choices=sorted(VARIANTS), help="S, M or L")
+    width.add_argument("--features", type=cli.count, help="width G (overrides --variant)")
+    add(
+        "--normalization",
+        type=cli.normalization,
+        help="mean,std of pixel/255 (none: the checkpoint's own, else the authors' "
+        f"{AUTHORS_NORMALIZATION.mean},{AUTHORS_NORMALIZATION.std})",
+    )
+    add("--image-size", type=cli.image_size, help="synthetic data: H = W")
+    add("--threshold", type=cli.probability, help="a pixel is a defect if its probability > this")
+    add("--batch-size", type=cli.count, help="images per forward pass (none: by G)")
+    add("--impl", choices=["auto", "lax", "fused"], help="layer implementation")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    bench = parser.add_argument_group("--jit-bench: speed of segmentation and detection")
+    bench.add_argument("--jit-bench", action="store_true", help="benchmark instead of evaluate")
+    bench.add_argument("--variants", help="e.g. S,M,L (default S,M; L on GPUs)")
+    bench.add_argument(
+        "--batch-sizes", type=cli.counts, help="e.g. 1,8 (default 1,8; GPU 1,64,256)"
+    )
+    bench.add_argument("--runs", type=cli.count, default=20, help="timed runs per measurement")
+    # features: None until resolved from --variant/--features (see parse_args)
+    parser.set_defaults(**{**dataclasses.asdict(EvaluationRequest()), "features": None})
+    return parser
+
+
+def bench_request(args: argparse.Namespace) -> dict:
+    """The --jit-bench settings; defaults sized for the backend (CheapNet-L is slow on a CPU)."""
+    on_cpu = jax.default_backend() == "cpu"
+    if args.features is not None:
+        features = [args.features]
+    else:
+        names = args.variants or ("S,M" if on_cpu else "S,M,L")
+        features = [VARIANTS[name.strip()] for name in names.split(",")]
+    return {
+        "features": features,
+        "batch_sizes": list(args.batch_sizes or ((1, 8) if on_cpu else (1, 64, 256))),
+        "image_size": args.image_size or 512,
+        "runs": args.runs,
+        "json_path": args.json_path,
+    }
+
+
+def parse_args(argv: list[str]) -> EvaluationRequest | dict:
+    """The evaluation asked for, or the --jit-bench settings."""
+    args = build_parser().parse_args(argv)
+    if args.variant is not None:
+        args.features = VARIANTS[args.variant]
+    if args.jit_bench:
+        return bench_request(args)
+    if args.features is None:
+        args.features = EvaluationRequest.features
+    fields = dataclasses.fields(EvaluationRequest)
+    return EvaluationRequest(**{f.name: getattr(args, f.name) for f in fields})
+
+
+def _main(argv: list[str]) -> int:
+    request = parse_args(argv)
+    if isinstance(request, dict):
+        from cheapnet_jax.bench import run_jit_bench
+
+        run_jit_bench(**request)
+        return 0
+    return run_evaluation(request)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command's exit status (see `cheapnet_jax.cli.run`)."""
+    return cli.run(_main, sys.argv[1:] if argv is None else argv)

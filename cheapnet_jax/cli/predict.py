@@ -1,0 +1,67 @@
+"""``predict.py`` / ``cheapnet-predict``: defects of new images as JSON/CSV, plus overlays.
+
+    python predict.py --checkpoint runs/demo images/ more/*.png --out out/predictions
+
+INPUT: files, folders or globs of PNG/BMP/JPEG/TIFF images, any size. Exit status 0 when every
+file was read, 1 when some could not be (they are in the JSON with an ``error``). Every default
+comes from `PredictOptions`, whose field names are the flags' ``dest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from cheapnet_jax import cli
+from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint, resolve_normalization
+from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="predict.py",
+        description="Find defects in new images: per-image verdicts and defects as JSON/CSV, "
+        "plus overlays.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
+    add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
+    add("--out", required=True, help="output folder")
+    add("--threshold", type=cli.probability, help="a pixel is a defect if its probability > this")
+    add("--min-area", type=cli.non_negative, help="drop smaller defects (pixels)")
+    add("--batch-size", type=cli.count, help="images per forward pass")
+    add("--decode-threads", type=cli.count, help="threads decoding images ahead")
+    add("--no-overlays", dest="overlays", action="store_false", help="skip the overlay PNGs")
+    add(
+        "--normalization",
+        type=cli.normalization,
+        help="mean,std of pixel/255 (none: the checkpoint's own, else the authors' "
+        f"{AUTHORS_NORMALIZATION.mean},{AUTHORS_NORMALIZATION.std})",
+    )
+    add("--resume", action="store_true", help="skip images already recorded")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add("--impl", choices=["auto", "lax", "fused"], default="auto", help="layer implementation")
+    parser.set_defaults(**dataclasses.asdict(PredictOptions()))
+    return parser
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    loaded = load_checkpoint(args.checkpoint, args.impl)
+    normalization = resolve_normalization(args.normalization, loaded)
+    paths = find_images(args.inputs)
+    fields = dataclasses.fields(PredictOptions)
+    options = PredictOptions(**{f.name: getattr(args, f.name) for f in fields})
+    counts = predict_files(loaded, paths, args.out, normalization, options)
+    print(
+        f"{counts['images']} images predicted, {counts['failed']} failed, "
+        f"{counts['skipped']} skipped (already done); results in {args.out}/defects.json"
+    )
+    return 1 if counts["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command's exit status (see `cheapnet_jax.cli.run`)."""
+    return cli.run(_main, sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,144 @@
+"""``train.py`` / ``cheapnet-train``: the paper's recipe, data-parallel over N devices.
+
+    python train.py --variant M --devices 8 --data synthetic --epochs 2 --workdir runs/m
+
+On a CPU-only machine, --devices N simulates N CPU devices. Started again on the same workdir,
+it resumes where it stopped. Every default comes from `TrainConfig`: the flags' ``dest`` are
+its field names, and `parse_config` builds it from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from cheapnet_jax import cli
+from cheapnet_jax.model import VARIANTS
+from cheapnet_jax.training import LOSSES, TrainConfig, train_and_evaluate
+
+DEFAULTS = TrainConfig()
+
+
+def dagm_classes(text: str) -> tuple[int, ...]:
+    """``all`` or comma-separated DAGM class numbers 1..10."""
+    if text == "all":
+        return tuple(range(1, 11))
+    try:
+        classes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected '6', '1,2,3' or 'all'") from None
+    if not classes or any(not 1 <= c <= 10 for c in classes):
+        raise argparse.ArgumentTypeError(f"{text!r}: DAGM classes are 1..10")
+    return classes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train CheapNet with the paper's recipe, data-parallel over N devices.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    width = parser.add_mutually_exclusive_group()
+    width.add_argument("--variant", choices=sorted(VARIANTS), help="S, M or L (default S)")
+    width.add_argument("--features", type=cli.count, help="width G (overrides --variant)")
+    add = parser.add_argument
+    add("--devices", type=cli.count, help="data-parallel devices (this process's)")
+    add("--data", help="DAGM 2007 root folder or 'synthetic'")
+    add("--classes", type=dagm_classes, help="DAGM classes: '6', '1,2,3' or 'all'")
+    add("--epochs", type=cli.count, help="training epochs")
+    add("--batch-size", type=cli.count, help="global batch size")
+    add("--lr", type=cli.positive, help="Adam learning rate")
+    add("--milestones", type=cli.increasing_counts, help="epochs where lr is multiplied")
+    add("--gamma", type=cli.positive, help="the lr's factor at each milestone")
+    add("--seed", type=int, help="data order, split and initialisation")
+    add("--workdir", help="checkpoints, logs, config.json")
+    add("--image-size", type=cli.image_size, help="synthetic data: H = W")
+    add("--synthetic-train", type=cli.count, help="synthetic training images")
+    add("--synthetic-validation", type=cli.count, help="synthetic validation images")
+    add("--keep-checkpoints", type=cli.count, help="latest N kept, plus the best")
+    add("--impl", choices=["auto", "lax", "fused"], help="layer implementation")
+    add("--loss", choices=sorted(LOSSES), help="BCE on logits, or the authors' BCELoss(sigmoid)")
+    add("--dtype", choices=["float32", "float64"], help="training precision")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add(
+        "--allow-changes",
+        action="store_true",
+        help="resume a workdir although its run had other settings (seed, lr, ...)",
+    )
+    hosts = parser.add_argument_group(
+        "several processes (jax.distributed): --distributed under a cluster launcher "
+        "(Slurm, Open MPI, Kubernetes), or the three settings by hand"
+    )
+    hosts.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument("--num-processes", type=cli.count, help="number of processes")
+    hosts.add_argument("--process-id", type=cli.non_negative, help="this process's index, 0..N-1")
+    parser.set_defaults(**dataclasses.asdict(DEFAULTS))
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.variant is not None:
+        args.features = VARIANTS[args.variant]
+    by_hand = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in by_hand) and any(v is None for v in by_hand):
+        parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.num_processes is not None and args.process_id >= args.num_processes:
+        parser.error(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+    return args
+
+
+def parse_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that the parsed flags describe."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """Join the other processes of a multi-process run (before JAX touches a device)."""
+    import jax
+
+    # CPU devices of several processes talk through gloo (the default has no cross-process
+    # CPU collectives); accelerators use their own (NCCL on GPUs) whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator is None:
+        jax.distributed.initialize()  # the launcher's environment says who is who
+    else:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Ask XLA for ``count`` host devices; must run before JAX starts (ignored on GPUs)."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    # Importing jax and this package starts no backend: the device count can still be set.
+    if args.devices > 1:
+        simulate_cpu_devices(args.devices)
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if args.distributed or args.coordinator is not None:
+        start_processes(args)
+    if args.devices > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
+        print(f"no accelerator: simulating {args.devices} CPU devices per process")
+    train_and_evaluate(parse_config(args), allow_changes=args.allow_changes)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command's exit status (see `cheapnet_jax.cli.run`)."""
+    return cli.run(_main, sys.argv[1:] if argv is None else argv)
