@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cheapnet_jax.errors import DataError
-from cheapnet_jax.model import SIZE_MULTIPLE
+from cheapnet_jax.model import SIZE_MULTIPLE, is_valid_size
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -157,7 +157,7 @@ def _describe_mode(mode: str) -> str:
 def check_image_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
     """DataError unless H and W are positive multiples of 16."""
     height, width = shape[:2]
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or not height or not width:
+    if not is_valid_size(height, width):
         raise DataError(
             f"{path}: size {height}x{width} is not a multiple of {SIZE_MULTIPLE} "
             "(CheapNet has four stride-2 stages): pad or crop it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -65,11 +66,20 @@ def make_detector(
     connectivity: int = 8,
     method: Method = "auto",
 ) -> Callable[[Mapping, jax.Array], Detections]:
-    """A jitted ``(variables, x [B, H, W, 1] normalised) -> Detections``."""
+    """A jitted ``(variables, x [B, H, W, 1] normalised, crop=None) -> Detections``.
 
-    @jax.jit
-    def detector(variables: Mapping, x: jax.Array) -> Detections:
+    ``crop=(height, width)`` keeps the top-left corner of the probabilities before
+    thresholding: for images padded up to a multiple of 16, so that no defect comes from the
+    padding (one compiled program per crop).
+    """
+
+    @functools.partial(jax.jit, static_argnames="crop")
+    def detector(
+        variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
+    ) -> Detections:
         probabilities = jax.nn.sigmoid(inference_logits(model, variables, x))[..., 0]
+        if crop is not None:
+            probabilities = probabilities[:, : crop[0], : crop[1]]
         return detections_from_probabilities(
             probabilities,
             threshold=threshold,

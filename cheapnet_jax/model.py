@@ -309,12 +309,17 @@ class ConvBlock(nn.Module):
         return nn.leaky_relu(y, LEAKY_SLOPE)
 
 
+def is_valid_size(height: int, width: int) -> bool:
+    """Whether CheapNet takes an image of ``height`` x ``width``: positive multiples of 16."""
+    return height > 0 and width > 0 and not height % SIZE_MULTIPLE and not width % SIZE_MULTIPLE
+
+
 def check_input_shape(shape: tuple[int, ...]) -> None:
     """Raise ValueError unless ``shape`` is NHWC ``[B, H, W, 1]`` with H, W multiples of 16."""
     if len(shape) != 4 or shape[-1] != 1:
         raise ValueError(f"CheapNet takes NHWC input [B, H, W, 1], got shape {tuple(shape)}")
     _, height, width, _ = shape
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or height == 0 or width == 0:
+    if not is_valid_size(height, width):
         raise ValueError(
             f"CheapNet needs H and W to be positive multiples of {SIZE_MULTIPLE} "
             f"(four stride-2 stages), got H={height}, W={width}: pad or crop the image"

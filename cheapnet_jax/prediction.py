@@ -21,7 +21,6 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -32,10 +31,10 @@ from tqdm import tqdm
 
 from cheapnet_jax import data
 from cheapnet_jax.checkpoints import LoadedModel, Normalization
-from cheapnet_jax.detection import detections_from_probabilities
+from cheapnet_jax.detection import make_detector
 from cheapnet_jax.evaluation import compiled_batch_size, pad_batch
 from cheapnet_jax.files import exclusive_lock, write_atomic
-from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, inference_logits
+from cheapnet_jax.model import SIZE_MULTIPLE
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
 RECORDS_FILE = "defects.jsonl"
@@ -83,17 +82,6 @@ def pad_to_multiple(image: np.ndarray) -> np.ndarray:
     pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
     mode = "reflect" if min(height, width) > max(pad_h, pad_w) else "edge"
     return np.pad(image, ((0, pad_h), (0, pad_w)), mode=mode)
-
-
-@partial(jax.jit, static_argnames=("model", "height", "width", "options"))
-def _detect_cropped(variables, x, *, model: CheapNet, height: int, width: int, options):
-    probabilities = jax.nn.sigmoid(inference_logits(model, variables, x))[:, :height, :width, 0]
-    return detections_from_probabilities(
-        probabilities,
-        threshold=options.threshold,
-        max_components=options.max_components,
-        min_area=options.min_area,
-    )
 
 
 def image_record(path: Path, found, index: int, warning: str | None) -> dict:
@@ -226,6 +214,12 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
     progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
     # Decoding threads stay a bounded distance ahead of the device's work.
     decoded = data.threaded_map(_decode, todo, options.decode_threads, ahead=2 * options.batch_size)
+    detector = make_detector(
+        loaded.model,
+        threshold=options.threshold,
+        max_components=options.max_components,
+        min_area=options.min_area,
+    )
     records_file = out_dir / RECORDS_FILE
     with records_file.open("a", encoding="utf-8", errors="surrogateescape") as records:
         for batch, errors in _batches(decoded, options.batch_size):
@@ -235,7 +229,7 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
                 records.write(json.dumps(record) + "\n")
                 counts["failed"] += 1
             if batch:
-                _predict_batch(loaded, batch, out_dir, normalization, options, records)
+                _predict_batch(loaded, detector, batch, out_dir, normalization, options, records)
                 counts["images"] += len(batch)
             records.flush()
             progress.update(len(batch) + len(errors))
@@ -244,20 +238,12 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
     return counts
 
 
-def _predict_batch(loaded, batch, out_dir, normalization, options, records) -> None:
+def _predict_batch(loaded, detector, batch, out_dir, normalization, options, records) -> None:
     height, width = batch[0][1].shape
     padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])
     x = data.normalize(padded, normalization.mean, normalization.std)
     x = pad_batch(x, compiled_batch_size(len(batch), options.batch_size))
-    found = _detect_cropped(
-        loaded.variables,
-        jnp.asarray(x),
-        model=loaded.model,
-        height=height,
-        width=width,
-        options=options,
-    )
-    found = jax.tree.map(np.asarray, found)
+    found = jax.device_get(detector(loaded.variables, jnp.asarray(x), crop=(height, width)))
     for index, (path, image, warning) in enumerate(batch):
         record = image_record(path, found, index, warning)
         if options.overlays:

@@ -138,15 +138,17 @@ def load_dataset(config: TrainConfig) -> Dataset:
     return Dataset(*train, *validation, mean=mean, std=std, description=description)
 
 
-def learning_rate_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate during ``epoch`` (0-based): lr * gamma ** (milestones passed)."""
+def learning_rate_at(config: TrainConfig, epoch):
+    """The learning rate during ``epoch`` (0-based): lr * gamma ** (milestones passed).
+
+    ``epoch`` is an int (logs) or a traced integer array (the optimizer's schedule).
+    """
     return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    """lr, multiplied by gamma at each milestone epoch (counted in steps)."""
-    boundaries = {int(m) * steps_per_epoch: config.gamma for m in config.milestones}
-    return optax.piecewise_constant_schedule(config.lr, boundaries)
+    """`learning_rate_at` of the epoch that optimizer step ``count`` (0-based) belongs to."""
+    return lambda count: learning_rate_at(config, count // steps_per_epoch)
 
 
 def create_state(
