@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cheapnet_jax.platform import resolve_auto
+
 Method = Literal["auto", "union_find", "scipy"]
 
 
@@ -38,11 +40,13 @@ def _structure(connectivity: int) -> np.ndarray:
 
 
 def _resolve_method(method: Method) -> Literal["union_find", "scipy"]:
-    if method == "auto":
-        return "scipy" if jax.default_backend() == "cpu" else "union_find"
-    if method not in ("union_find", "scipy"):
-        raise ValueError(f"method must be 'auto', 'union_find' or 'scipy', got {method!r}")
-    return method
+    return resolve_auto(
+        method,
+        name="method",
+        cpu="scipy",
+        accelerator="union_find",
+        options=("union_find", "scipy"),
+    )
 
 
 def _compress(parent: jax.Array) -> jax.Array:

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cheapnet_jax.platform import resolve_auto
+
 VARIANTS: dict[str, int] = {"S": 2, "M": 32, "L": 1024}
 """The paper's variants: name -> width G."""
 
@@ -50,11 +52,7 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 def resolve_impl(impl: Impl) -> Literal["lax", "fused"]:
     """Turn ``"auto"`` into the implementation that is fastest on the default backend."""
-    if impl == "auto":
-        return "fused" if jax.default_backend() == "cpu" else "lax"
-    if impl not in ("lax", "fused"):
-        raise ValueError(f"impl must be 'auto', 'lax' or 'fused', got {impl!r}")
-    return impl
+    return resolve_auto(impl, name="impl", cpu="fused", accelerator="lax", options=("lax", "fused"))
 
 
 def param_count(features: int) -> int:
@@ -69,13 +67,13 @@ def _grouped_pointwise(x: jax.Array, kernel_tap: jax.Array, groups: int) -> jax.
     Returns [B, H, W, Cout] with
     out[..., g*r_out + o] = sum_s x[..., g*r_in + s] * k[s, g*r_out + o].
     The sum over s is written as r_in strided channel slices rather than a reduction over a
-    small axis, which XLA:CPU turns into a slow loop (30x slower for r_in = 2).
+    small axis, which XLA:CPU turns into a slow loop (BENCHMARKS.md, "Layer forms").
     """
     in_per_group, out_features = kernel_tap.shape
     out_per_group = out_features // groups
     if groups == 1:
         # A matrix product, also for one input channel (encoder1): its weight gradient is then a
-        # matrix product too, 2.3x faster on XLA:CPU than the broadcast form's reduction.
+        # matrix product too, which XLA:CPU runs faster than the broadcast form's reduction.
         return jnp.dot(x, kernel_tap)
     batch_shape = x.shape[:3]
     y = None
@@ -95,8 +93,8 @@ def _scale_channels(x: jax.Array, weights: jax.Array) -> jax.Array:
 
     Written on the rows ``[B * H, W * C]`` with the weights tiled W times, so that the weight
     gradient is a reduction over rows W * C wide, which XLA:CPU vectorises, rather than one that
-    keeps a minor dimension of C (2 for CheapNet-S): 1.3-1.5x faster gradients of these layers on
-    the CPU (BENCHMARKS.md, training throughput).
+    keeps a minor dimension of C (2 for CheapNet-S), which it does not (BENCHMARKS.md, "Layer
+    forms").
     """
     batch, height, width, channels = x.shape
     rows = x.reshape(batch * height, width * channels)
@@ -230,7 +228,7 @@ def _channel_mean(x: jax.Array) -> jax.Array:
 
     The same value as ``jnp.mean(x, axis=(0, 1, 2))``, but XLA:CPU vectorises a reduction over
     rows whose minor dimension is W * C wide, not one whose kept minor dimension is C (2 for
-    CheapNet-S), about 2x faster forward and backward.
+    CheapNet-S) (BENCHMARKS.md, "Layer forms").
     """
     _, _, width, channels = x.shape
     return jnp.mean(x.reshape(-1, width * channels), axis=0).reshape(width, channels).mean(0)
@@ -377,7 +375,7 @@ def inference_logits(model: CheapNet, variables: dict, x: jax.Array) -> jax.Arra
 
     On the CPU the images go through the network one at a time inside the compiled program
     (`lax.map`): XLA:CPU then reuses one image's temporary buffers instead of faulting in
-    fresh pages for the whole batch, about 2.4x faster for G=32 at batch 8 on 2 cores.
+    fresh pages for the whole batch (BENCHMARKS.md, "Layer forms").
     Accelerators run the batch at once. Inference BatchNorm is per image, so both are equal.
     """
     if jax.default_backend() != "cpu" or x.shape[0] == 1:

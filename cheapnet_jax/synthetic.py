@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from cheapnet_jax import cli
 from cheapnet_jax.data import LABELS_FILE, check_image_size
 
 Texture = Callable[[np.random.Generator, int], np.ndarray]
@@ -229,29 +228,11 @@ def make_split(
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def main(argv: list[str]) -> int:
-    """``python -m cheapnet_jax.synthetic --out DIR``: write synthetic images as a DAGM folder."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", required=True, help="folder to write (DAGM layout)")
-    parser.add_argument("--count", type=cli.count, default=10, help="defective images (default 10)")
-    parser.add_argument("--size", type=cli.image_size, default=512, help="image size (default 512)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class-id", type=int, default=0, help="first line of Labels.txt")
-    parser.add_argument(
-        "--defect-free", type=cli.non_negative, default=0, help="images without a defect"
-    )
-    args = parser.parse_args(argv)
-    folder = write_dagm_folder(
-        args.out, args.count, args.size, args.seed, args.class_id, args.defect_free
-    )
-    total = args.count + args.defect_free
-    print(f"wrote {total} synthetic {args.size}x{args.size} images to {folder}")
-    return 0
-
-
 if __name__ == "__main__":
+    # `python -m cheapnet_jax.synthetic`: the command-line tool (imported here, not above,
+    # since the command module imports this one).
     import sys
 
-    sys.exit(cli.run(main, sys.argv[1:]))
+    from cheapnet_jax.cli.synthetic import main
+
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import run_tool
 from scipy import ndimage
 
 from cheapnet_jax import synthetic
@@ -83,7 +84,10 @@ def test_written_folder_reads_back_as_dagm(tmp_path):
         np.testing.assert_array_equal(read_mask, mask)
 
 
-def test_command_line_writes_a_folder(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path / "new"), "--count", "3", "--size", "32"])
-    assert "wrote 3 synthetic 32x32 images" in capsys.readouterr().out
+def test_command_line_writes_a_folder(tmp_path):
+    result = run_tool(
+        "-m cheapnet_jax.synthetic", "--out", str(tmp_path / "new"), "--count", "3", "--size", "32"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 synthetic 32x32 images" in result.stdout
     assert len(list_dagm_samples(tmp_path / "new")) == 3

@@ -41,6 +41,13 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
         return 1
 
 
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser whose help shows every flag's default."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)

@@ -135,11 +135,10 @@ def run_evaluation(request: EvaluationRequest) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description="Evaluate CheapNet on a DAGM folder: params, GFLOPs, mIoU, IoU per class, "
+    parser = cli.parser(
+        "evaluate.py",
+        "Evaluate CheapNet on a DAGM folder: params, GFLOPs, mIoU, IoU per class, "
         "mAcc, pixel accuracy, mAP; or time it (--jit-bench).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
     add("--checkpoint", help="an authors' .pkl or a training workdir (none: untrained model)")

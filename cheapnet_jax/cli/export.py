@@ -11,10 +11,9 @@ from cheapnet_jax.export import FORMATS, export_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cheapnet-export",
-        description="Export a checkpoint for deployment: ONNX, StableHLO or the authors' format.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = cli.parser(
+        "cheapnet-export",
+        "Export a checkpoint for deployment: ONNX, StableHLO or the authors' format.",
     )
     add = parser.add_argument
     add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")

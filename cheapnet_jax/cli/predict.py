@@ -19,11 +19,9 @@ from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="predict.py",
-        description="Find defects in new images: per-image verdicts and defects as JSON/CSV, "
-        "plus overlays.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = cli.parser(
+        "predict.py",
+        "Find defects in new images: per-image verdicts and defects as JSON/CSV, plus overlays.",
     )
     add = parser.add_argument
     add("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")

@@ -35,10 +35,9 @@ def dagm_classes(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train CheapNet with the paper's recipe, data-parallel over N devices.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = cli.parser(
+        "train.py",
+        "Train CheapNet with the paper's recipe, data-parallel over N devices.",
     )
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--variant", choices=sorted(VARIANTS), help="S, M or L (default S)")

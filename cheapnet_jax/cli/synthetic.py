@@ -1,0 +1,33 @@
+"""``python -m cheapnet_jax.synthetic --out DIR``: write synthetic images as a DAGM folder."""
+
+from __future__ import annotations
+
+import sys
+
+from cheapnet_jax import cli
+from cheapnet_jax.synthetic import write_dagm_folder
+
+
+def _main(argv: list[str]) -> int:
+    parser = cli.parser(
+        "python -m cheapnet_jax.synthetic", "Write synthetic DAGM-like images as a DAGM folder."
+    )
+    add = parser.add_argument
+    add("--out", required=True, help="folder to write (DAGM layout)")
+    add("--count", type=cli.count, default=10, help="defective images")
+    add("--size", type=cli.image_size, default=512, help="image size")
+    add("--seed", type=int, default=0, help="what to draw")
+    add("--class-id", type=int, default=0, help="first line of Labels.txt")
+    add("--defect-free", type=cli.non_negative, default=0, help="images without a defect")
+    args = parser.parse_args(argv)
+    folder = write_dagm_folder(
+        args.out, args.count, args.size, args.seed, args.class_id, args.defect_free
+    )
+    total = args.count + args.defect_free
+    print(f"wrote {total} synthetic {args.size}x{args.size} images to {folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command's exit status (see `cheapnet_jax.cli.run`)."""
+    return cli.run(_main, sys.argv[1:] if argv is None else argv)
