@@ -32,3 +32,44 @@ def test_inference_modules_do_not_load_the_trainer(module):
         [sys.executable, "-c", check], cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True
     )
     assert result.returncode == 0, f"{module} loads {result.stdout.strip()} {result.stderr}"
+
+
+def module_imports(path) -> set[str]:
+    """The cheapnet_jax modules a file imports at module level (not under ``__main__``)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in tree.body:  # top level only: lazy imports inside functions do not count
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cheapnet"):
+            base = node.module
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                module_file = REPO_ROOT / (candidate.replace(".", "/") + ".py")
+                package = REPO_ROOT / candidate.replace(".", "/") / "__init__.py"
+                found.add(candidate if module_file.exists() or package.exists() else base)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("cheapnet")}
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    files = {
+        str(path.relative_to(REPO_ROOT).with_suffix("")).replace("/", "."): path
+        for path in (REPO_ROOT / "cheapnet_jax").rglob("*.py")
+    }
+    graph = {
+        name.removesuffix(".__init__"): module_imports(path) - {"cheapnet_jax"}
+        for name, path in files.items()
+    }
+    assert "cheapnet_jax.cli.train" in graph and "cheapnet_jax.training" in graph
+    assert "cheapnet_jax.training" in graph["cheapnet_jax.cli.train"]
+
+    def visit(node, stack):
+        if node in stack:
+            raise AssertionError(" -> ".join([*stack[stack.index(node) :], node]))
+        for child in graph.get(node, ()):
+            visit(child, [*stack, node])
+
+    for module in graph:
+        visit(module, [])
