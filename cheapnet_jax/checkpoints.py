@@ -15,8 +15,10 @@ checkpoints, written as sharded jax.Arrays, are read the same way.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +151,7 @@ class Checkpoints:
         if step is None:
             return None
         target = placed(abstract_state, sharding)
+        _quiet_failed_restores()
         try:
             restored = self.latest.restore(
                 step,
@@ -211,6 +214,38 @@ def _restore_dtype(meta: dict):
     return jnp.float32
 
 
+_QUIET = False
+
+
+class _FailedRestoreEcho(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for the other reads of a restore
+    that already failed: the CheckpointError reports the first."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Future exception was never retrieved")
+
+
+def _quiet_failed_restores() -> None:
+    """When a restore fails, orbax's other pending reads finish on a closed event loop and
+    report "Event loop is closed" (as unraisable exceptions) and their own errors (through
+    asyncio's log): dozens of tracebacks around the one-line CheckpointError. Drop exactly those
+    echoes, for the rest of the process (installed once, before the first restore)."""
+    global _QUIET
+    if _QUIET:
+        return
+    _QUIET = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_FailedRestoreEcho())
+
+
 def _first_words(err: Exception, limit: int = 200) -> str:
     """The start of an error's message: tensorstore appends kilobytes of JSON specs."""
     text = str(err).split(" [tensorstore_spec")[0].strip()
@@ -232,6 +267,7 @@ def load_orbax_checkpoint(
         raise CheckpointError(f"{path}: no orbax checkpoint of cheapnet-jax found there")
     directory, step = found
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+    _quiet_failed_restores()
     try:
         with ocp.CheckpointManager(directory) as manager:
             if step is None:

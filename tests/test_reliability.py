@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import zlib
 
@@ -171,3 +172,22 @@ def test_operating_system_errors_on_given_paths_are_one_line(trained, tmp_path):
     build = run_tool("-m datasets.dagm2007.build", "--manual-dir", str(tmp_path / "nothing"))
     assert build.returncode == 1 and "no DAGM 2007 download there" in build.stderr
     assert "Traceback" not in missing.stderr + build.stderr
+
+
+def test_a_damaged_checkpoint_is_one_line_for_readers_and_for_resume(trained, tmp_path):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(trained, workdir)
+    for data_file in (workdir / "checkpoints").rglob("model/d/*"):
+        data_file.write_bytes(data_file.read_bytes()[:20])  # truncated array data
+    evaluated = run_tool("evaluate.py", "--checkpoint", str(workdir), "--no-progress")
+    assert evaluated.returncode == 1
+    assert "cannot read this checkpoint" in evaluated.stderr and str(workdir) in evaluated.stderr
+    assert "Traceback" not in evaluated.stderr and len(evaluated.stderr.splitlines()) == 1
+    resumed = run_tool(
+        "train.py", "--workdir", str(workdir), "--image-size", "32", "--synthetic-train", "8",
+        "--synthetic-validation", "6", "--batch-size", "4", "--milestones", "1", "--epochs", "3",
+        "--no-progress",
+    )  # fmt: skip
+    assert resumed.returncode == 1, resumed.stderr
+    assert "cannot resume from this checkpoint" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
