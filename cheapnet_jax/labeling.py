@@ -134,6 +134,20 @@ def union_find_labels(
     return jax.vmap(lambda m: _union_find_single(m, connectivity))(masks)
 
 
+def _over_leading_axes(host_function):
+    """``host_function`` of ``[B, H, W]`` arrays, applied to ``[..., H, W]``: under `jax.vmap`
+    (``vmap_method="expand_dims"``) a callback receives the batch with one more leading axis per
+    mapped level, and must answer with those axes too."""
+
+    def wrapped(array: np.ndarray) -> tuple[np.ndarray, ...]:
+        array = np.asarray(array)
+        leading = array.shape[:-2]
+        outputs = host_function(array.reshape(-1, *array.shape[-2:]))
+        return tuple(output.reshape(*leading, *output.shape[1:]) for output in outputs)
+
+    return wrapped
+
+
 def _scipy_labels_host(masks: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
 
@@ -166,7 +180,7 @@ def label_components(
         jax.ShapeDtypeStruct(masks.shape[:1], jnp.int32),
     )
     return jax.pure_callback(
-        lambda m: _scipy_labels_host(m, connectivity),
+        _over_leading_axes(lambda m: _scipy_labels_host(m, connectivity)),
         result_shape,
         masks,
         vmap_method="expand_dims",
@@ -230,7 +244,7 @@ def component_stats(
         )
         return ComponentStats(
             *jax.pure_callback(
-                lambda lab: _host_stats(lab, max_components),
+                _over_leading_axes(lambda lab: _host_stats(lab, max_components)),
                 result_shape,
                 labels,
                 vmap_method="expand_dims",

@@ -43,15 +43,37 @@ def test_checkerboard_counts():
     assert int(label_components(checker, 4, method="union_find")[1][0]) == 32 * 32 // 2
 
 
-def test_without_jit_and_under_vmap():
-    chosen = [SHAPES["noise_0.4"], SHAPES["spiral"], SHAPES["comb"]]
+@pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
+def test_without_jit_and_under_vmap(method):
+    """Every method, the CPU default's host callbacks included, under jit, vmap and nested vmap
+    (each vmap level adds a leading axis to what a callback receives)."""
+    chosen = [SHAPES["noise_0.4"], SHAPES["spiral"], SHAPES["comb"], SHAPES["checkerboard"]]
     masks = np.stack([np.pad(m, ((0, 64 - m.shape[0]), (0, 64 - m.shape[1]))) for m in chosen])
-    eager, _ = label_components(masks, 8, method="union_find")
-    vmapped, _ = jax.vmap(lambda m: label_components(m[None], 8, method="union_find"))(masks)
-    for i, mask in enumerate(masks):
-        expected = ndimage.label(mask, structure=STRUCTURES[8])[0]
-        np.testing.assert_array_equal(np.asarray(eager[i]), expected)
-        np.testing.assert_array_equal(np.asarray(vmapped[i, 0]), expected)
+    expected = [ndimage.label(mask, structure=STRUCTURES[8]) for mask in masks]
+
+    def label_and_measure(batch):  # [B, H, W] -> labels, counts, stats
+        labels, counts = label_components(batch, 8, method=method)
+        return labels, counts, component_stats(labels, 64, method=method).stats
+
+    eager = label_and_measure(masks)
+    vmapped = jax.jit(jax.vmap(lambda m: label_and_measure(m[None])))(masks)
+    nested = jax.vmap(jax.vmap(lambda m: label_and_measure(m[None])))(masks.reshape(2, 2, 64, 64))
+    for i, (labels, count) in enumerate(expected):
+        boxes = ndimage.find_objects(labels)
+        for found_labels, found_counts, found_stats in (
+            (eager[0][i], eager[1][i], eager[2][i]),
+            (vmapped[0][i, 0], vmapped[1][i, 0], vmapped[2][i, 0]),
+            (nested[0][i // 2, i % 2, 0], nested[1][i // 2, i % 2, 0], nested[2][i // 2, i % 2, 0]),
+        ):
+            np.testing.assert_array_equal(np.asarray(found_labels), labels)
+            assert int(found_counts) == count
+            first = boxes[0]
+            assert np.asarray(found_stats)[0, :4].tolist() == [
+                first[1].start,
+                first[0].start,
+                first[1].stop - 1,
+                first[0].stop - 1,
+            ]
 
 
 @pytest.mark.parametrize("name", ["spiral", "serpentine", "comb", "reverse_comb", "staircase"])
