@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from cheapnet_jax.labeling import Method, component_stats, label_components
+from cheapnet_jax.labeling import Method, component_segments, label_and_measure
 from cheapnet_jax.model import CheapNet, inference_logits
 
 
@@ -43,15 +43,20 @@ def detections_from_probabilities(
 ) -> Detections:
     """Threshold, label and measure the components of probability maps ``[B, H, W]``."""
     masks = probabilities > threshold
-    labels, _ = label_components(masks, connectivity, method=method)
-    stats, valid, overflow = component_stats(labels, max_components, method=method)
+    labels, _, (stats, valid, overflow) = label_and_measure(
+        masks, connectivity, max_components, method=method
+    )
     area = stats[..., 4]
 
-    def probability_sums(label_image, probability_image):
-        ids = jnp.where(label_image > max_components, 0, label_image).reshape(-1)
-        return jax.ops.segment_sum(probability_image.reshape(-1), ids, max_components + 1)[1:]
-
-    sums = jax.vmap(probability_sums)(labels, probabilities)
+    # One update per foreground pixel of a kept component; background and components beyond
+    # max_components go out of range and are dropped (no hot spot on an accelerator).
+    batch = labels.shape[0]
+    sums = (
+        jnp.zeros((batch * max_components,), probabilities.dtype)
+        .at[component_segments(labels, max_components)]
+        .add(probabilities.reshape(-1), mode="drop")
+        .reshape(batch, max_components)
+    )
     scores = jnp.where(valid, sums / jnp.maximum(area, 1).astype(sums.dtype), 0)
     valid = valid & (area >= min_area)
     return Detections(probabilities, masks, labels, stats, scores, valid, overflow)

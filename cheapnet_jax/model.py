@@ -24,7 +24,8 @@ Every layer has two interchangeable implementations over the same parameters:
 - ``"fused"``: shifted multiply-adds that XLA fuses into a few loops. XLA:CPU runs grouped
   convolutions through a slow generic path, so this form is much faster there.
 
-``impl="auto"`` picks ``"fused"`` on the CPU and ``"lax"`` on accelerators.
+``impl="auto"`` picks ``"fused"`` where the program is lowered for the CPU and ``"lax"`` where it
+is lowered for an accelerator (`cheapnet_jax.platform.per_platform`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cheapnet_jax.platform import resolve_auto
+from cheapnet_jax.platform import per_platform
 
 VARIANTS: dict[str, int] = {"S": 2, "M": 32, "L": 1024}
 """The paper's variants: name -> width G."""
@@ -50,9 +51,9 @@ Impl = Literal["auto", "lax", "fused"]
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_impl(impl: Impl) -> Literal["lax", "fused"]:
-    """Turn ``"auto"`` into the implementation that is fastest on the default backend."""
-    return resolve_auto(impl, name="impl", cpu="fused", accelerator="lax", options=("lax", "fused"))
+def _by_impl(impl: Impl, lax_form, fused_form, *operands) -> jax.Array:
+    forms = {"lax": lax_form, "fused": fused_form}
+    return per_platform(impl, forms, *operands, name="impl", cpu="fused", accelerator="lax")
 
 
 def param_count(features: int) -> int:
@@ -139,8 +140,9 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _kernel_and_bias(self, x, self.kernel_size)
         pad = self.kernel_size // 2
-        if resolve_impl(self.impl) == "lax":
-            y = lax.conv_general_dilated(
+
+        def lax_form(x: jax.Array, kernel: jax.Array) -> jax.Array:
+            return lax.conv_general_dilated(
                 x,
                 kernel,
                 window_strides=(self.stride, self.stride),
@@ -148,9 +150,11 @@ class Conv(nn.Module):
                 dimension_numbers=_DIMENSION_NUMBERS,
                 feature_group_count=self.groups,
             )
-        else:
-            y = self._fused(x, kernel, pad)
-        return y + bias
+
+        def fused_form(x: jax.Array, kernel: jax.Array) -> jax.Array:
+            return self._fused(x, kernel, pad)
+
+        return _by_impl(self.impl, lax_form, fused_form, x, kernel) + bias
 
     def _fused(self, x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
         k, s = self.kernel_size, self.stride
@@ -184,8 +188,9 @@ class ConvTranspose(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _kernel_and_bias(self, x, 3)
-        if resolve_impl(self.impl) == "lax":
-            y = lax.conv_general_dilated(
+
+        def lax_form(x: jax.Array, kernel: jax.Array) -> jax.Array:
+            return lax.conv_general_dilated(
                 x,
                 kernel,
                 window_strides=(1, 1),
@@ -194,9 +199,8 @@ class ConvTranspose(nn.Module):
                 dimension_numbers=_DIMENSION_NUMBERS,
                 feature_group_count=self.groups,
             )
-        else:
-            y = self._sub_pixel(x, kernel)
-        return y + bias
+
+        return _by_impl(self.impl, lax_form, self._sub_pixel, x, kernel) + bias
 
     def _sub_pixel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         """The four output phases of the stride-2 transposed convolution (sub-pixel form).
@@ -373,11 +377,18 @@ def init_variables(model: CheapNet, rng: jax.Array, image_size: int = 16) -> dic
 def inference_logits(model: CheapNet, variables: dict, x: jax.Array) -> jax.Array:
     """Inference-mode logits of a batch ``[B, H, W, 1]``, fastest form per backend.
 
-    On the CPU the images go through the network one at a time inside the compiled program
-    (`lax.map`): XLA:CPU then reuses one image's temporary buffers instead of faulting in
-    fresh pages for the whole batch (BENCHMARKS.md, "Layer forms").
-    Accelerators run the batch at once. Inference BatchNorm is per image, so both are equal.
+    Lowered for the CPU, the images go through the network one at a time inside the compiled
+    program (`lax.map`): XLA:CPU then reuses one image's temporary buffers instead of faulting in
+    fresh pages for the whole batch (BENCHMARKS.md, "Layer forms"). Lowered for an accelerator,
+    the batch runs at once. Inference BatchNorm is per image, so both are equal.
     """
-    if jax.default_backend() != "cpu" or x.shape[0] == 1:
+
+    def whole_batch(x: jax.Array) -> jax.Array:
         return model.apply(variables, x, train=False)
-    return lax.map(lambda image: model.apply(variables, image[None], train=False)[0], x)
+
+    def one_at_a_time(x: jax.Array) -> jax.Array:
+        return lax.map(lambda image: model.apply(variables, image[None], train=False)[0], x)
+
+    if x.shape[0] == 1:
+        return whole_batch(x)
+    return lax.platform_dependent(x, cpu=one_at_a_time, default=whole_batch)

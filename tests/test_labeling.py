@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,12 +14,27 @@ from hypothesis.extra.numpy import arrays
 from mask_shapes import shapes
 from scipy import ndimage
 
-from cheapnet_jax.labeling import component_stats, label_components, union_find_labels
+from cheapnet_jax.labeling import (
+    _block_pixels,
+    _hooks,
+    _initial_forest,
+    _resolve,
+    component_segments,
+    component_stats,
+    label_and_measure,
+    label_components,
+    union_find_labels,
+)
 
 STRUCTURES = {4: None, 8: np.ones((3, 3), bool)}
 
 
 SHAPES = shapes()
+
+_jitted_union_find = jax.jit(
+    lambda masks, connectivity: label_components(masks, connectivity, method="union_find"),
+    static_argnums=1,
+)
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -39,8 +57,8 @@ def test_spiral_is_one_long_path():
 
 def test_checkerboard_counts():
     checker = SHAPES["checkerboard"][None]
-    assert int(label_components(checker, 8, method="union_find")[1][0]) == 1
-    assert int(label_components(checker, 4, method="union_find")[1][0]) == 32 * 32 // 2
+    assert int(_jitted_union_find(checker, 8)[1][0]) == 1
+    assert int(_jitted_union_find(checker, 4)[1][0]) == 32 * 32 // 2
 
 
 @pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
@@ -51,13 +69,15 @@ def test_without_jit_and_under_vmap(method):
     masks = np.stack([np.pad(m, ((0, 64 - m.shape[0]), (0, 64 - m.shape[1]))) for m in chosen])
     expected = [ndimage.label(mask, structure=STRUCTURES[8]) for mask in masks]
 
-    def label_and_measure(batch):  # [B, H, W] -> labels, counts, stats
+    def label_then_measure(batch):  # [B, H, W] -> labels, counts, stats
         labels, counts = label_components(batch, 8, method=method)
         return labels, counts, component_stats(labels, 64, method=method).stats
 
-    eager = label_and_measure(masks)
-    vmapped = jax.jit(jax.vmap(lambda m: label_and_measure(m[None])))(masks)
-    nested = jax.vmap(jax.vmap(lambda m: label_and_measure(m[None])))(masks.reshape(2, 2, 64, 64))
+    eager = label_then_measure(masks)
+    vmapped = jax.jit(jax.vmap(lambda m: label_then_measure(m[None])))(masks)
+    nested = jax.jit(jax.vmap(jax.vmap(lambda m: label_then_measure(m[None]))))(
+        masks.reshape(2, 2, 64, 64)
+    )
     for i, (labels, count) in enumerate(expected):
         boxes = ndimage.find_objects(labels)
         for found_labels, found_counts, found_stats in (
@@ -79,19 +99,24 @@ def test_without_jit_and_under_vmap(method):
 @pytest.mark.parametrize("name", ["spiral", "serpentine", "comb", "reverse_comb", "staircase"])
 def test_adversarial_shapes_need_few_rounds(name):
     """Label propagation needs one sweep per pixel of the longest path (hundreds here); the
-    union-find needs a handful of hook-and-compress rounds."""
-    _, _, iterations = union_find_labels(SHAPES[name][None], 8)
-    assert int(iterations[0]) <= 8
+    union-find needs a handful of jump-and-hook rounds."""
+    _, _, rounds = jax.jit(union_find_labels, static_argnums=1)(SHAPES[name][None], 8)
+    assert int(rounds) <= 8
+
+
+SMALL_SHAPES = [(1, 1), (1, 12), (12, 1), (2, 2), (5, 7), (7, 5), (12, 12)]
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    mask=arrays(bool, st.tuples(st.integers(1, 12), st.integers(1, 12))),
+    mask=st.sampled_from(SMALL_SHAPES).flatmap(lambda shape: arrays(bool, shape)),
     connectivity=st.sampled_from([4, 8]),
 )
 def test_random_small_masks(mask, connectivity):
+    """Random masks of a few shapes (one compiled program per shape; odd, even and one-wide
+    shapes cover the padded blocks)."""
     expected, count = ndimage.label(mask, structure=STRUCTURES[connectivity])
-    labels, counts = label_components(mask[None], connectivity, method="union_find")
+    labels, counts = _jitted_union_find(mask[None], connectivity)
     np.testing.assert_array_equal(np.asarray(labels[0]), expected)
     assert int(counts[0]) == count
 
@@ -119,3 +144,65 @@ def test_component_stats_reports_overflow(method):
     assert result.stats.shape == (1, 10, 5)
     expected = component_stats(labels[None].astype(np.int32), max_components=1000)
     np.testing.assert_array_equal(np.asarray(result.stats[0]), np.asarray(expected.stats[0, :10]))
+
+
+@pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("name", ["noise_0.4", "checkerboard", "odd", "one_column", "empty"])
+def test_label_and_measure_equals_scipy(name, connectivity, method):
+    """Labels, counts, boxes and areas at once (the union-find measures per block), under jit
+    and vmap."""
+    mask = SHAPES[name]
+    labels, count = ndimage.label(mask, structure=STRUCTURES[connectivity])
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, np.arange(1, count + 1))
+    expected = np.zeros((2000, 5), np.int32)
+    for k, (rows, cols) in enumerate(ndimage.find_objects(labels)):
+        expected[k] = [cols.start, rows.start, cols.stop - 1, rows.stop - 1, int(areas[k])]
+
+    def run(masks):
+        return label_and_measure(masks, connectivity, 2000, method=method)
+
+    for found_labels, found_counts, found_stats in (
+        jax.jit(run)(mask[None]),
+        jax.tree.map(lambda a: a[0], jax.jit(jax.vmap(run))(mask[None, None])),
+    ):
+        np.testing.assert_array_equal(np.asarray(found_labels[0]), labels)
+        assert int(found_counts[0]) == count and int(found_stats.overflow[0]) == 0
+        np.testing.assert_array_equal(np.asarray(found_stats.stats[0]), expected)
+        assert int(found_stats.valid[0].sum()) == count
+
+
+def test_label_and_measure_reports_overflow():
+    labels, count = ndimage.label(SHAPES["noise_0.05"], np.ones((3, 3), bool))
+    found = jax.jit(lambda m: label_and_measure(m, 8, 10, method="union_find")[2])(
+        SHAPES["noise_0.05"][None]
+    )
+    assert count > 10 and int(found.overflow[0]) == count - 10 and bool(found.valid[0].all())
+    first = ndimage.find_objects(labels)[0]
+    assert found.stats[0, 0, :4].tolist() == [
+        first[1].start,
+        first[0].start,
+        first[1].stop - 1,
+        first[0].stop - 1,
+    ]
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_background_sends_no_update_to_an_in_range_index(connectivity):
+    """The scatters of the union-find and of the statistics: an all-background mask (and a
+    finished labeling, whose trees all agree) targets only the dropped index, never entry 0."""
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def hook_targets(masks, finished):
+        parent, edges = _initial_forest(_block_pixels(masks, connectivity), connectivity)
+        if finished:
+            parent, _ = _resolve(parent, edges)
+        return _hooks(parent, edges)[0], jnp.asarray(parent.size)
+
+    for mask, finished in ((np.zeros((3, 32, 48), bool), False), (SHAPES["spiral"][None], True)):
+        targets, nodes = hook_targets(mask, finished)
+        assert np.all(np.asarray(targets) == nodes)
+    empty = jnp.zeros((3, 32, 48), jnp.int32)
+    assert np.all(np.asarray(component_segments(empty, 7)) == 3 * 7)
+    segments = np.asarray(component_segments(jnp.asarray([[[0, 1, 9], [2, 0, 0]]]), 2))
+    assert segments.tolist() == [2, 0, 2, 1, 2, 2]
