@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclass(frozen=True)
@@ -99,20 +100,31 @@ def write_json(path: str | os.PathLike, rows: Sequence[dict], **extra) -> None:
     path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
 
 
-def jit_bench_row(features: int, batch: int, image_size: int, runs: int) -> dict:
-    """Compile time, latency and throughput of segmentation and of segmentation + labeling."""
-    from cheapnet_jax.detection import make_detector
+def jit_bench_row(
+    features: int, batch: int, image_size: int, runs: int, dtype: str = "float32"
+) -> dict:
+    """Compile time, latency and throughput of segmentation and of segmentation + labeling,
+    from uint8 images (normalised on the device) to probabilities or defects."""
+    from cheapnet_jax.detection import INFERENCE_DTYPES, make_detector, normalize_on_device
     from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
     from cheapnet_jax.model import CheapNet, inference_logits, init_variables
 
     model = CheapNet(features)
     variables = init_variables(model, jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 1))
-    segment = jax.jit(lambda v, images: jax.nn.sigmoid(inference_logits(model, v, images)))
-    detect = make_detector(model)
+    shape = (batch, image_size, image_size)
+    x = jax.random.randint(jax.random.key(1), shape, 0, 256).astype(jnp.uint8)
+    mean_std = (0.5, 0.25)
+
+    @jax.jit
+    def segment(v, pixels):
+        images = normalize_on_device(pixels, *mean_std).astype(INFERENCE_DTYPES[dtype])
+        return jax.nn.sigmoid(inference_logits(model, v, images).astype(jnp.float32))
+
+    detect = make_detector(model, dtype=dtype, normalization=mean_std)
     row = {
         "G": features,
         "batch": batch,
+        "dtype": dtype,
         "params": count_params(variables),
         "GFLOPs xla": xla_gflops(model, variables, image_size, image_size),
         "GFLOPs paper": paper_gflops(features, image_size, image_size),
@@ -133,6 +145,7 @@ def run_jit_bench(
     image_size: int,
     runs: int,
     json_path: str | None = None,
+    dtype: str = "float32",
 ) -> list[dict]:
     """`evaluate.py --jit-bench`: print (and write) one row per model and batch size."""
     machine = machine_description()
@@ -144,8 +157,8 @@ def run_jit_bench(
     rows = []
     for g in features:
         for batch in batch_sizes:
-            rows.append(jit_bench_row(g, batch, image_size, runs))
-    columns = ["G", "batch", "params", "GFLOPs xla", "GFLOPs paper"] + [
+            rows.append(jit_bench_row(g, batch, image_size, runs, dtype))
+    columns = ["G", "batch", "dtype", "params", "GFLOPs xla", "GFLOPs paper"] + [
         f"{name} {what}"
         for name in ("seg", "seg+label")
         for what in ("img/s", "ms/img", "ms/batch", "spread ms", "compile s")

@@ -8,7 +8,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cheapnet_jax import data
 from cheapnet_jax.labeling import Method, component_segments, label_and_measure
 from cheapnet_jax.model import CheapNet, inference_logits
 
@@ -62,6 +64,23 @@ def detections_from_probabilities(
     return Detections(probabilities, masks, labels, stats, scores, valid, overflow)
 
 
+INFERENCE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""What the network may compute in at inference (``--dtype``); probabilities, thresholds and
+scores are float32 either way."""
+
+
+def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array:
+    """uint8 ``[B, H, W]`` -> float32 ``[B, H, W, 1]`` inside the compiled program (a quarter
+    of the bytes cross from host to device), bit for bit `cheapnet_jax.data.normalize`.
+
+    A 256-entry table computed on the host with that very function, then looked up: XLA turns
+    a division by a constant into a multiplication by its reciprocal, which is off by an ulp
+    for some pixel values, and a trained network can amplify an ulp of input.
+    """
+    table = data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
+    return jnp.asarray(table)[pixels][..., None]
+
+
 def make_detector(
     model: CheapNet,
     *,
@@ -70,19 +89,31 @@ def make_detector(
     min_area: int = 0,
     connectivity: int = 8,
     method: Method = "auto",
+    dtype: str = "float32",
+    normalization: tuple[float, float] | None = None,
 ) -> Callable[[Mapping, jax.Array], Detections]:
-    """A jitted ``(variables, x [B, H, W, 1] normalised, crop=None) -> Detections``.
+    """A jitted ``(variables, x, crop=None) -> Detections``.
 
-    ``crop=(height, width)`` keeps the top-left corner of the probabilities before
-    thresholding: for images padded up to a multiple of 16, so that no defect comes from the
-    padding (one compiled program per crop).
+    ``x`` is either float ``[B, H, W, 1]``, already normalised, or the raw uint8 pixels
+    ``[B, H, W]``, normalised on the device with ``normalization=(mean, std)``. The network
+    runs in ``dtype`` (see `INFERENCE_DTYPES`). ``crop=(height, width)`` keeps the top-left
+    corner of the probabilities before thresholding: for images padded up to a multiple of 16,
+    so that no defect comes from the padding (one compiled program per crop).
     """
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    compute_dtype = INFERENCE_DTYPES[dtype]
 
     @functools.partial(jax.jit, static_argnames="crop")
     def detector(
         variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
     ) -> Detections:
-        probabilities = jax.nn.sigmoid(inference_logits(model, variables, x))[..., 0]
+        if x.dtype == jnp.uint8:
+            if normalization is None:
+                raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
+            x = normalize_on_device(x, *normalization)
+        logits = inference_logits(model, variables, x.astype(compute_dtype))
+        probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
         if crop is not None:
             probabilities = probabilities[:, : crop[0], : crop[1]]
         return detections_from_probabilities(

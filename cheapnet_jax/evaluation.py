@@ -127,15 +127,24 @@ def evaluate_folder(
     batch_size: int | None = None,
     max_components: int = 256,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> dict:
     """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder.
 
     Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
+    The images go to the device as uint8 and are normalised there; the network runs in
+    ``dtype`` (`detection.INFERENCE_DTYPES`).
     """
     samples = data.list_dagm_samples(folder)
     if batch_size is None:
         batch_size = default_batch_size(model.features)
-    detector = make_detector(model, threshold=threshold, max_components=max_components)
+    detector = make_detector(
+        model,
+        threshold=threshold,
+        max_components=max_components,
+        dtype=dtype,
+        normalization=(normalization.mean, normalization.std),
+    )
     truth_of = jax.jit(lambda masks: ground_truth_components(masks, max_components))
     tally = Tally()
     batches = data.iterate_batches(samples, batch_size)
@@ -147,8 +156,7 @@ def evaluate_folder(
         ):
             n = len(chunk)
             padded = compiled_batch_size(n, batch_size)
-            x = pad_batch(data.normalize(images, normalization.mean, normalization.std), padded)
-            found = _first(detector(variables, jnp.asarray(x)), n)
+            found = _first(detector(variables, jnp.asarray(pad_batch(images, padded))), n)
             tally.add(found, _first(truth_of(pad_batch(masks, padded)), n), masks)
             evaluated, image_size = evaluated + n, list(images.shape[1:3])
     except data.DataError as err:

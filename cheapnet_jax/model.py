@@ -301,6 +301,13 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # bfloat16 is a storage format here: a block reads bfloat16 activations, computes in
+        # float32 and stores its output as bfloat16. Computing in bfloat16 loses the BatchNorm:
+        # (y - mean) cancels catastrophically when both are large (a bfloat16 step at 100 is
+        # 0.5), which flipped 1% of the real samples' pixels (tests/test_inference_dtype.py).
+        stored = x.dtype
+        if stored == jnp.bfloat16:
+            x = x.astype(jnp.float32)
         if self.kind == "transpose":
             y = ConvTranspose(self.features, self.groups, self.impl, name="conv")(x)
         else:
@@ -308,7 +315,7 @@ class ConvBlock(nn.Module):
                 self.features, self.kernel_size, self.stride, self.groups, self.impl, name="conv"
             )(x)
         y = BatchNorm(axis_name=self.bn_axis_name, name="bn")(y, train)
-        return nn.leaky_relu(y, LEAKY_SLOPE)
+        return nn.leaky_relu(y, LEAKY_SLOPE).astype(stored)
 
 
 def is_valid_size(height: int, width: int) -> bool:

@@ -52,6 +52,7 @@ class PredictOptions:
     overlays: bool = True
     resume: bool = False
     progress: bool = True
+    dtype: str = "float32"
 
 
 def find_images(inputs: Iterable[str]) -> list[Path]:
@@ -219,6 +220,8 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
         threshold=options.threshold,
         max_components=options.max_components,
         min_area=options.min_area,
+        dtype=options.dtype,
+        normalization=(normalization.mean, normalization.std),
     )
     records_file = out_dir / RECORDS_FILE
     with records_file.open("a", encoding="utf-8", errors="surrogateescape") as records:
@@ -229,7 +232,7 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
                 records.write(json.dumps(record) + "\n")
                 counts["failed"] += 1
             if batch:
-                _predict_batch(loaded, detector, batch, out_dir, normalization, options, records)
+                _predict_batch(loaded, detector, batch, out_dir, options, records)
                 counts["images"] += len(batch)
             records.flush()
             progress.update(len(batch) + len(errors))
@@ -238,11 +241,10 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
     return counts
 
 
-def _predict_batch(loaded, detector, batch, out_dir, normalization, options, records) -> None:
+def _predict_batch(loaded, detector, batch, out_dir, options, records) -> None:
     height, width = batch[0][1].shape
-    padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])
-    x = data.normalize(padded, normalization.mean, normalization.std)
-    x = pad_batch(x, compiled_batch_size(len(batch), options.batch_size))
+    padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])  # uint8 [B, H, W]
+    x = pad_batch(padded, compiled_batch_size(len(batch), options.batch_size))
     found = jax.device_get(detector(loaded.variables, jnp.asarray(x), crop=(height, width)))
     for index, (path, image, warning) in enumerate(batch):
         record = image_record(path, found, index, warning)

@@ -28,6 +28,7 @@ from cheapnet_jax.checkpoints import (
     load_checkpoint,
     resolve_normalization,
 )
+from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.evaluation import EvaluationStopped, evaluate_folder
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
@@ -50,6 +51,7 @@ class EvaluationRequest:
     impl: str = "auto"
     image_size: int | None = None  # synthetic data: None = the training size, else 256
     progress: bool = True
+    dtype: str = "float32"
 
 
 def load_model(request: EvaluationRequest) -> LoadedModel:
@@ -103,6 +105,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
                 threshold=request.threshold,
                 batch_size=request.batch_size,
                 progress=request.progress,
+                dtype=request.dtype,
             )
         except EvaluationStopped as err:
             if err.partial is None:
@@ -114,6 +117,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
         "data": str(request.data_source),
         "features": model.features,
         "normalization": {"mean": normalization.mean, "std": normalization.std},
+        "dtype": request.dtype,
         "params": count_params(variables),
         "gflops": xla_gflops(model, variables, height, width),
         "gflops_paper": paper_gflops(model.features, height, width),
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threshold", type=cli.probability, help="a pixel is a defect if its probability > this")
     add("--batch-size", type=cli.count, help="images per forward pass (none: by G)")
     add("--impl", choices=["auto", "lax", "fused"], help="layer implementation")
+    add("--dtype", choices=sorted(INFERENCE_DTYPES), help="what the network computes in")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     bench = parser.add_argument_group("--jit-bench: speed of segmentation and detection")
     bench.add_argument("--jit-bench", action="store_true", help="benchmark instead of evaluate")
@@ -184,6 +189,7 @@ def bench_request(args: argparse.Namespace) -> dict:
         "image_size": args.image_size or 512,
         "runs": args.runs,
         "json_path": args.json_path,
+        "dtype": args.dtype,
     }
 
 

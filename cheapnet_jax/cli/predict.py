@@ -15,6 +15,7 @@ import sys
 
 from cheapnet_jax import cli
 from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint, resolve_normalization
+from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="skip images already recorded")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--impl", choices=["auto", "lax", "fused"], default="auto", help="layer implementation")
+    add("--dtype", choices=sorted(INFERENCE_DTYPES), help="what the network computes in")
     parser.set_defaults(**dataclasses.asdict(PredictOptions()))
     return parser
 
