@@ -2,7 +2,12 @@
 
 from cheapnet_jax.detection import Detections, detect, make_detector
 from cheapnet_jax.errors import CheckpointError, DataError, UserError
-from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
+from cheapnet_jax.labeling import (
+    ComponentStats,
+    component_stats,
+    label_and_measure,
+    label_components,
+)
 from cheapnet_jax.model import VARIANTS, CheapNet, param_count
 from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint
 
@@ -16,6 +21,7 @@ __all__ = [
     "UserError",
     "component_stats",
     "detect",
+    "label_and_measure",
     "label_components",
     "load_torch_checkpoint",
     "make_detector",
