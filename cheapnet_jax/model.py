@@ -298,6 +298,7 @@ class ConvBlock(nn.Module):
     groups: int = 1
     impl: Impl = "auto"
     bn_axis_name: str | None = None
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -314,7 +315,8 @@ class ConvBlock(nn.Module):
             y = Conv(
                 self.features, self.kernel_size, self.stride, self.groups, self.impl, name="conv"
             )(x)
-        y = BatchNorm(axis_name=self.bn_axis_name, name="bn")(y, train)
+        if not self.folded:
+            y = BatchNorm(axis_name=self.bn_axis_name, name="bn")(y, train)
         return nn.leaky_relu(y, LEAKY_SLOPE).astype(stored)
 
 
@@ -341,17 +343,22 @@ class CheapNet(nn.Module):
     ``apply(variables, x, train=False)`` with x float ``[B, H, W, 1]`` (already normalised,
     H and W multiples of 16) returns pre-sigmoid logits ``[B, H, W, 1]`` in x's dtype.
     ``bn_axis_name`` makes training-mode BatchNorm average its statistics over that pmap axis.
+    ``folded=True`` is the inference-only form without BatchNorm layers, whose variables come
+    from `fold_batch_norm`.
     """
 
     features: int
     impl: Impl = "auto"
     bn_axis_name: str | None = None
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.features < 1:
             raise ValueError(f"features (G) must be >= 1, got {self.features}")
         check_input_shape(x.shape)
+        if self.folded and train:
+            raise ValueError("a CheapNet with folded BatchNorm is for inference only")
         g = self.features
 
         def block(name: str, **kwargs) -> ConvBlock:
@@ -359,6 +366,7 @@ class CheapNet(nn.Module):
                 features=kwargs.pop("features", g),
                 impl=self.impl,
                 bn_axis_name=self.bn_axis_name,
+                folded=self.folded,
                 name=name,
                 **kwargs,
             )
@@ -373,6 +381,26 @@ class CheapNet(nn.Module):
         d3 = block("decoder3", kind="transpose", groups=g)(jnp.concatenate([e3, d2], -1), train)
         d4 = block("decoder4", kind="transpose", groups=g)(jnp.concatenate([e2, d3], -1), train)
         return block("output", features=1, kernel_size=1)(jnp.concatenate([e1, d4], -1), train)
+
+
+def fold_batch_norm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
+    """Variables of ``CheapNet(G, folded=True)`` computing what ``variables`` compute in
+    inference mode: each BatchNorm's ``(y - mean) * scale / sqrt(var + eps) + bias`` folded
+    into its convolution (kernels scaled per output channel, the last HWIO axis, for plain
+    and transposed convolutions alike; biases shifted). Computed in the variables' dtype."""
+    folded = {}
+    for name, block in variables["params"].items():
+        stats = variables["batch_stats"][name]["bn"]
+        bn = block["bn"]
+        factor = bn["scale"] * lax.rsqrt(stats["var"] + jnp.asarray(epsilon, stats["var"].dtype))
+        conv = block["conv"]
+        folded[name] = {
+            "conv": {
+                "kernel": conv["kernel"] * factor,
+                "bias": (conv["bias"] - stats["mean"]) * factor + bn["bias"],
+            }
+        }
+    return {"params": folded}
 
 
 def init_variables(model: CheapNet, rng: jax.Array, image_size: int = 16) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from cheapnet_jax import VARIANTS, CheapNet, param_count
 from cheapnet_jax.flops import count_params
-from cheapnet_jax.model import Conv, ConvTranspose, init_variables
+from cheapnet_jax.model import Conv, ConvTranspose, fold_batch_norm, init_variables
 
 torch = pytest.importorskip("torch", reason="torch is the independent reference (extra 'torch')")
 
@@ -185,3 +185,20 @@ def test_fused_and_lax_masks_agree_in_float32():
     masks = [values > threshold for values in logits]
     assert 0.4 < masks[0].mean() < 0.6
     assert np.mean(masks[0] != masks[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["lax", "fused"])
+def test_folded_batch_norm_computes_what_the_model_computes(impl):
+    """float64: BatchNorm folded into the convolutions (plain and transposed) gives the
+    inference-mode model's logits to rounding."""
+    variables = random_variables(4, seed=3)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 48, 1)))
+    expected = CheapNet(4, impl=impl).apply(variables, x)
+    folded = fold_batch_norm(variables)
+    assert set(folded) == {"params"}
+    assert all(set(block) == {"conv"} for block in folded["params"].values())
+    found = jax.jit(CheapNet(4, impl=impl, folded=True).apply)(folded, x)
+    assert found.dtype == jnp.float64 and float(jnp.std(expected)) > 0.1
+    np.testing.assert_allclose(np.asarray(found), np.asarray(expected), rtol=1e-11, atol=1e-11)
+    with pytest.raises(ValueError, match="inference only"):
+        CheapNet(4, folded=True).apply(folded, x, train=True)
