@@ -299,6 +299,7 @@ class ConvBlock(nn.Module):
     impl: Impl = "auto"
     bn_axis_name: str | None = None
     folded: bool = False
+    dtype: jnp.dtype | None = None  # what the output is stored as; None: the input's dtype
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -306,8 +307,8 @@ class ConvBlock(nn.Module):
         # float32 and stores its output as bfloat16. Computing in bfloat16 loses the BatchNorm:
         # (y - mean) cancels catastrophically when both are large (a bfloat16 step at 100 is
         # 0.5), which flipped 1% of the real samples' pixels (tests/test_inference_dtype.py).
-        stored = x.dtype
-        if stored == jnp.bfloat16:
+        stored = self.dtype or x.dtype
+        if x.dtype == jnp.bfloat16:
             x = x.astype(jnp.float32)
         if self.kind == "transpose":
             y = ConvTranspose(self.features, self.groups, self.impl, name="conv")(x)
@@ -360,6 +361,10 @@ class CheapNet(nn.Module):
         if self.folded and train:
             raise ValueError("a CheapNet with folded BatchNorm is for inference only")
         g = self.features
+        # With bfloat16 input, the bottleneck's output (1/256 of the pixels) stays float32:
+        # rounding it alone flipped 0.7% of the G = 2 checkpoint's pixels on the real samples,
+        # more than every other block together (BENCHMARKS.md has the per-block figures).
+        bottleneck_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
         def block(name: str, **kwargs) -> ConvBlock:
             return ConvBlock(
@@ -367,6 +372,7 @@ class CheapNet(nn.Module):
                 impl=self.impl,
                 bn_axis_name=self.bn_axis_name,
                 folded=self.folded,
+                dtype=kwargs.pop("dtype", x.dtype),
                 name=name,
                 **kwargs,
             )
@@ -375,7 +381,7 @@ class CheapNet(nn.Module):
         e2 = block("encoder2", stride=2, groups=g)(e1, train)
         e3 = block("encoder3", stride=2, groups=g)(e2, train)
         e4 = block("encoder4", stride=2, groups=g)(e3, train)
-        b = block("bottleneck", stride=2, groups=g)(e4, train)
+        b = block("bottleneck", stride=2, groups=g, dtype=bottleneck_dtype)(e4, train)
         d1 = block("decoder1", kind="transpose", groups=g)(b, train)
         d2 = block("decoder2", kind="transpose", groups=g)(jnp.concatenate([e4, d1], -1), train)
         d3 = block("decoder3", kind="transpose", groups=g)(jnp.concatenate([e3, d2], -1), train)

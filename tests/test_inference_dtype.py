@@ -41,10 +41,11 @@ def test_uint8_images_without_normalization_are_refused():
         make_detector(model)(variables, jnp.zeros((1, 16, 16), jnp.uint8))
 
 
-# Measured on the 10 real samples (block outputs stored as bfloat16, computed in float32):
-# 99.27% of the pixels agree for G=2 and 99.96% for G=32 -- short of the 99.99% the issue asks
-# for; bfloat16 activations flip the pixels whose logits are closest to 0 in these checkpoints.
-BFLOAT16_AGREEMENT_FLOOR = {2: 0.992, 32: 0.9995}
+# Measured on the 10 real samples (block outputs stored as bfloat16 and computed in float32,
+# the bottleneck's output kept float32): 99.89% of the pixels agree for G=2 and 99.96% for
+# G=32 -- short of the 99.99% the issue asks for: bfloat16 activations flip the pixels whose
+# logits are closest to 0 in these checkpoints.
+BFLOAT16_AGREEMENT_FLOOR = {2: 0.9985, 32: 0.9995}
 
 
 @pytest.mark.parametrize("features", [2, 32])
