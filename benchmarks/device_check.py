@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from mask_shapes import shapes, spiral  # noqa: E402
 
 from cheapnet_jax.bench import format_table, time_call, write_json  # noqa: E402
-from cheapnet_jax.detection import make_detector, normalize_on_device  # noqa: E402
+from cheapnet_jax.detection import make_detector, network_probabilities  # noqa: E402
 from cheapnet_jax.labeling import label_and_measure  # noqa: E402
 from cheapnet_jax.model import CheapNet, inference_logits, init_variables  # noqa: E402
 
@@ -91,12 +91,6 @@ def check_model_against_torch(features: int = 8, size: int = 128) -> dict:
     return result
 
 
-def probabilities_of(model: CheapNet, variables: dict, pixels: jax.Array) -> jax.Array:
-    return jax.nn.sigmoid(
-        inference_logits(model, variables, normalize_on_device(pixels, 0.5, 0.25))
-    )
-
-
 def bench_rows(variants, batches_of, runs: int) -> list[dict]:
     rows = []
     for name, features in variants:
@@ -108,7 +102,9 @@ def bench_rows(variants, batches_of, runs: int) -> list[dict]:
             for impl in ("lax", "fused"):
                 model = CheapNet(features, impl=impl)
                 detector = make_detector(model, normalization=(0.5, 0.25))
-                segment = jax.jit(functools.partial(probabilities_of, model))
+                segment = jax.jit(
+                    functools.partial(network_probabilities, model, normalization=(0.5, 0.25))
+                )
                 row = {"variant": name, "impl": impl, "batch": batch}
                 for what, fn in (("seg", segment), ("seg+label", detector)):
                     timing = time_call(functools.partial(fn, model_variables, pixels), runs=runs)

@@ -6,6 +6,7 @@ many runs after a warm-up, with the spread; compile time is measured apart.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -105,9 +106,9 @@ def jit_bench_row(
 ) -> dict:
     """Compile time, latency and throughput of segmentation and of segmentation + labeling,
     from uint8 images (normalised on the device) to probabilities or defects."""
-    from cheapnet_jax.detection import INFERENCE_DTYPES, make_detector, normalize_on_device
+    from cheapnet_jax.detection import make_detector, network_probabilities
     from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
-    from cheapnet_jax.model import CheapNet, inference_logits, init_variables
+    from cheapnet_jax.model import CheapNet, init_variables
 
     model = CheapNet(features)
     variables = init_variables(model, jax.random.key(0))
@@ -115,11 +116,9 @@ def jit_bench_row(
     x = jax.random.randint(jax.random.key(1), shape, 0, 256).astype(jnp.uint8)
     mean_std = (0.5, 0.25)
 
-    @jax.jit
-    def segment(v, pixels):
-        images = normalize_on_device(pixels, *mean_std).astype(INFERENCE_DTYPES[dtype])
-        return jax.nn.sigmoid(inference_logits(model, v, images).astype(jnp.float32))
-
+    segment = jax.jit(
+        functools.partial(network_probabilities, model, dtype=dtype, normalization=mean_std)
+    )
     detect = make_detector(model, dtype=dtype, normalization=mean_std)
     row = {
         "G": features,

@@ -81,6 +81,25 @@ def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array
     return jnp.asarray(table)[pixels][..., None]
 
 
+def network_probabilities(
+    model: CheapNet,
+    variables: Mapping,
+    x: jax.Array,
+    *,
+    dtype: str = "float32",
+    normalization: tuple[float, float] | None = None,
+) -> jax.Array:
+    """Probabilities float32 ``[B, H, W]`` of float ``[B, H, W, 1]`` normalised images or of
+    uint8 ``[B, H, W]`` pixels (normalised on the device with ``normalization``), the network
+    running in ``dtype`` (`INFERENCE_DTYPES`). The detector's first step."""
+    if x.dtype == jnp.uint8:
+        if normalization is None:
+            raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
+        x = normalize_on_device(x, *normalization)
+    logits = inference_logits(model, variables, x.astype(INFERENCE_DTYPES[dtype]))
+    return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+
+
 def make_detector(
     model: CheapNet,
     *,
@@ -102,18 +121,14 @@ def make_detector(
     """
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
-    compute_dtype = INFERENCE_DTYPES[dtype]
 
     @functools.partial(jax.jit, static_argnames="crop")
     def detector(
         variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
     ) -> Detections:
-        if x.dtype == jnp.uint8:
-            if normalization is None:
-                raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
-            x = normalize_on_device(x, *normalization)
-        logits = inference_logits(model, variables, x.astype(compute_dtype))
-        probabilities = jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+        probabilities = network_probabilities(
+            model, variables, x, dtype=dtype, normalization=normalization
+        )
         if crop is not None:
             probabilities = probabilities[:, : crop[0], : crop[1]]
         return detections_from_probabilities(

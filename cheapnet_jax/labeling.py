@@ -83,13 +83,28 @@ def _raster_cumsum(array: jax.Array) -> jax.Array:
     return along_rows + offsets[:, :, None]
 
 
+def _block_height(connectivity: int) -> int:
+    """2 for 8-connectivity (2x2 blocks), 1 for 4-connectivity (1x2 blocks)."""
+    return 2 if connectivity == 8 else 1
+
+
+def _block_height_of(pixels: dict[tuple[int, int], jax.Array]) -> int:
+    """The block height of `_block_pixels`' output (its keys are the pixels' places)."""
+    return 1 + max(r for r, _ in pixels)
+
+
+def _foreground(pixels: dict[tuple[int, int], jax.Array]) -> jax.Array:
+    """Whether each block holds a set pixel: ``[B, Hb, Wb]``."""
+    return functools.reduce(jnp.logical_or, pixels.values())
+
+
 def _block_pixels(masks: jax.Array, connectivity: int) -> dict[tuple[int, int], jax.Array]:
     """The pixels of every block, ``{(row, col) inside the block: [B, Hb, Wb]}``.
 
     Blocks are 2x2 for 8-connectivity and 1x2 for 4-connectivity: the largest blocks whose
     foreground pixels are always connected to each other, so a block can be one node.
     """
-    block_height = 2 if connectivity == 8 else 1
+    block_height = _block_height(connectivity)
     batch, height, width = masks.shape
     padded = jnp.pad(masks, ((0, 0), (0, (-height) % block_height), (0, width % 2)))
     blocks = padded.reshape(
@@ -100,7 +115,7 @@ def _block_pixels(masks: jax.Array, connectivity: int) -> dict[tuple[int, int], 
 
 def _block_edge(pixels: dict, d_row: int, d_col: int, connectivity: int) -> jax.Array:
     """Whether each block touches its neighbour at block offset (d_row, d_col)."""
-    block_height = 2 if connectivity == 8 else 1
+    block_height = _block_height(connectivity)
     edge = None
     for (r, c), own in pixels.items():
         for (r2, c2), theirs in pixels.items():
@@ -124,7 +139,7 @@ def _initial_forest(
     straight up, one under the other, point at the top of that vertical chain (the long
     vertical strokes that pointer jumping would otherwise take log2(length) jumps to flatten).
     """
-    foreground = functools.reduce(jnp.logical_or, pixels.values())
+    foreground = _foreground(pixels)
     batch, block_rows, block_cols = foreground.shape
     index = jnp.arange(batch * block_rows * block_cols, dtype=jnp.int32).reshape(foreground.shape)
     col = jnp.arange(block_cols, dtype=jnp.int32)
@@ -201,9 +216,9 @@ def _number_components(
     block row but not always in the root block: each component takes the minimum over its
     blocks, then a cumulative sum over marks at those pixels numbers the components.
     """
-    foreground = functools.reduce(jnp.logical_or, pixels.values())
+    foreground = _foreground(pixels)
     batch, block_rows, block_cols = foreground.shape
-    block_height = 1 + max(r for r, _ in pixels)
+    block_height = _block_height_of(pixels)
     padded_width = 2 * block_cols
     image_size = block_rows * block_height * padded_width
     block_row = jnp.arange(block_rows, dtype=jnp.int32)[:, None]
@@ -239,7 +254,7 @@ def _number_components(
 def _paint(pixels: dict[tuple[int, int], jax.Array], block_label: jax.Array) -> jax.Array:
     """Block labels back onto their set pixels: ``[B, Hb * block height, 2 * Wb]``."""
     batch, block_rows, block_cols = block_label.shape
-    block_height = 1 + max(r for r, _ in pixels)
+    block_height = _block_height_of(pixels)
     rows = [
         jnp.stack([jnp.where(pixels[r, c], block_label, 0) for c in range(2)], axis=-1)
         for r in range(block_height)
@@ -481,7 +496,7 @@ def _block_stats(
 ) -> ComponentStats:
     """Boxes and areas reduced per block: one update per foreground block, none for
     background."""
-    block_height = 1 + max(r for r, _ in pixels)
+    block_height = _block_height_of(pixels)
     block_rows, block_cols = block_label.shape[1:]
     row = jnp.arange(block_rows, dtype=jnp.int32)[:, None] * block_height
     col = jnp.arange(block_cols, dtype=jnp.int32) * 2

@@ -306,7 +306,8 @@ class ConvBlock(nn.Module):
         # bfloat16 is a storage format here: a block reads bfloat16 activations, computes in
         # float32 and stores its output as bfloat16. Computing in bfloat16 loses the BatchNorm:
         # (y - mean) cancels catastrophically when both are large (a bfloat16 step at 100 is
-        # 0.5), which flipped 1% of the real samples' pixels (tests/test_inference_dtype.py).
+        # 0.5): computed in bfloat16, the G = 2 checkpoint's verdicts on the real samples agreed
+        # with float32 on 98.9% of the pixels (measured once, 2026-12-01), against 99.89% now.
         stored = self.dtype or x.dtype
         if x.dtype == jnp.bfloat16:
             x = x.astype(jnp.float32)

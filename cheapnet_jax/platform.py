@@ -34,6 +34,4 @@ def per_platform(
     check_choice(value, name=name, options=tuple(forms))
     if value != "auto":
         return forms[value](*operands)
-    if cpu == accelerator:
-        return forms[cpu](*operands)
     return lax.platform_dependent(*operands, cpu=forms[cpu], default=forms[accelerator])
