@@ -34,6 +34,22 @@ class Detections(NamedTuple):
     overflow: jax.Array
 
 
+def component_sums(labels: jax.Array, values: jax.Array, max_components: int) -> jax.Array:
+    """Sums ``[B, K]`` of ``values [B, H, W]`` over each of the first K components of
+    ``labels [B, H, W]``.
+
+    One update per foreground pixel of a kept component; background and components beyond
+    max_components go out of range and are dropped (no hot spot on an accelerator).
+    """
+    batch = labels.shape[0]
+    return (
+        jnp.zeros((batch * max_components,), values.dtype)
+        .at[component_segments(labels, max_components)]
+        .add(values.reshape(-1), mode="drop")
+        .reshape(batch, max_components)
+    )
+
+
 def detections_from_probabilities(
     probabilities: jax.Array,
     *,
@@ -49,16 +65,7 @@ def detections_from_probabilities(
         masks, connectivity, max_components, method=method
     )
     area = stats[..., 4]
-
-    # One update per foreground pixel of a kept component; background and components beyond
-    # max_components go out of range and are dropped (no hot spot on an accelerator).
-    batch = labels.shape[0]
-    sums = (
-        jnp.zeros((batch * max_components,), probabilities.dtype)
-        .at[component_segments(labels, max_components)]
-        .add(probabilities.reshape(-1), mode="drop")
-        .reshape(batch, max_components)
-    )
+    sums = component_sums(labels, probabilities, max_components)
     scores = jnp.where(valid, sums / jnp.maximum(area, 1).astype(sums.dtype), 0)
     valid = valid & (area >= min_area)
     return Detections(probabilities, masks, labels, stats, scores, valid, overflow)

@@ -390,6 +390,37 @@ class CheapNet(nn.Module):
         return block("output", features=1, kernel_size=1)(jnp.concatenate([e1, d4], -1), train)
 
 
+def receptive_field_radius() -> int:
+    """How far an output pixel sees: logit ``[y, x]`` depends on input pixels within this many
+    rows and columns of ``(y, x)`` and on no others (inference mode; tested against autodiff).
+
+    Walked over the layers of `CheapNet.__call__` as intervals ``[lo, hi]`` of input offsets,
+    relative to ``scale * position``, covered by one position of a feature map at ``scale``:
+    a 3x3 conv (stride 1 or 2, padding 1) at input scale s widens the interval by s on each
+    side; the stride-2 transposed conv back to scale s gives even outputs their input's interval
+    and odd outputs the union of two neighbours', i.e. widened by s; a concatenation takes the
+    union; the 1x1 output conv changes nothing. The radius is the same for every G.
+    """
+
+    def conv3x3(interval: tuple[int, int], in_scale: int) -> tuple[int, int]:
+        return interval[0] - in_scale, interval[1] + in_scale
+
+    def union(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        return min(a[0], b[0]), max(a[1], b[1])
+
+    e1 = conv3x3((0, 0), 1)  # scale 1
+    e2 = conv3x3(e1, 1)  # scale 2
+    e3 = conv3x3(e2, 2)  # scale 4
+    e4 = conv3x3(e3, 4)  # scale 8
+    bottleneck = conv3x3(e4, 8)  # scale 16
+    d1 = conv3x3(bottleneck, 8)  # transposed, scale 16 -> 8
+    d2 = conv3x3(union(e4, d1), 4)  # scale 8 -> 4
+    d3 = conv3x3(union(e3, d2), 2)  # scale 4 -> 2
+    d4 = conv3x3(union(e2, d3), 1)  # scale 2 -> 1
+    low, high = union(e1, d4)  # the output block's 1x1 conv
+    return max(-low, high)
+
+
 def fold_batch_norm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
     """Variables of ``CheapNet(G, folded=True)`` computing what ``variables`` compute in
     inference mode: each BatchNorm's ``(y - mean) * scale / sqrt(var + eps) + bias`` folded
