@@ -1,7 +1,10 @@
 """Defects of new images: `predict.py`'s streaming loop, records, CSV and overlays.
 
 Images of any size are padded to a multiple of 16 by reflection and the probabilities are
-cropped back before thresholding and labeling, so defects never come from the padding.
+cropped back before thresholding and labeling, so defects never come from the padding. Images of
+more than ``tile_above`` pixels (or all, with ``tile``) go through `cheapnet_jax.tiling` one at a
+time: the same defects in memory set by the tile size; their overlays are written only up to
+``tile_above`` pixels (an overlay is image-sized).
 Colour and palette images are converted to grayscale with a warning in their record; 16-bit
 images and unreadable files are reported (``error``) and skipped. Results go to
 ``defects.jsonl`` one line per image as soon as its batch is done, so a killed run keeps what
@@ -34,7 +37,13 @@ from cheapnet_jax.checkpoints import LoadedModel, Normalization
 from cheapnet_jax.detection import make_detector
 from cheapnet_jax.evaluation import compiled_batch_size, pad_batch
 from cheapnet_jax.files import exclusive_lock, write_atomic
-from cheapnet_jax.model import SIZE_MULTIPLE
+from cheapnet_jax.tiling import (
+    DEFAULT_TILE,
+    TiledDetections,
+    detect_tiled,
+    make_tile_detector,
+    pad_axis_to_multiple,
+)
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
 RECORDS_FILE = "defects.jsonl"
@@ -53,6 +62,8 @@ class PredictOptions:
     resume: bool = False
     progress: bool = True
     dtype: str = "float32"
+    tile: int | None = None  # tile every image with tiles of this size
+    tile_above: int = 2048 * 2048  # tile images of more pixels (with DEFAULT_TILE) ...
 
 
 def find_images(inputs: Iterable[str]) -> list[Path]:
@@ -78,21 +89,37 @@ def read_image(path: Path) -> tuple[np.ndarray, str | None]:
 
 
 def pad_to_multiple(image: np.ndarray) -> np.ndarray:
-    """Reflect-pad ``[H, W]`` at the bottom and right up to multiples of 16."""
-    height, width = image.shape
-    pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
-    mode = "reflect" if min(height, width) > max(pad_h, pad_w) else "edge"
-    return np.pad(image, ((0, pad_h), (0, pad_w)), mode=mode)
+    """Pad ``[H, W]`` at the bottom and right up to multiples of 16: by reflection, or by
+    repeating the edge along an axis too short to reflect."""
+    return pad_axis_to_multiple(pad_axis_to_multiple(image, axis=0), axis=1)
 
 
 def image_record(path: Path, found, index: int, warning: str | None) -> dict:
     """The JSON record of one image from a batch's detections (numpy)."""
     valid = found.valid[index]
-    defects = [
-        {"box": [int(v) for v in row[:4]], "area": int(row[4]), "score": round(float(score), 6)}
-        for row, score in zip(found.stats[index][valid], found.scores[index][valid], strict=True)
-    ]
+    rows = zip(found.stats[index][valid], found.scores[index][valid], strict=True)
+    defects = [_defect(row[:4], row[4], score) for row, score in rows]
     height, width = found.masks[index].shape
+    return _record(path, (height, width), defects, int(found.overflow[index]), warning)
+
+
+def tiled_image_record(path: Path, shape, found: TiledDetections, warning: str | None) -> dict:
+    """The JSON record of one image detected in tiles: `image_record`'s fields, plus ``tiles``
+    and, where a tile had more components than it measures, ``parts_left_out``."""
+    defects = [_defect((d.x1, d.y1, d.x2, d.y2), d.area, d.score) for d in found.defects]
+    record = _record(path, shape, defects, found.overflow, warning)
+    record["tiles"] = found.tiles
+    if found.parts_left_out:
+        record["parts_left_out"] = found.parts_left_out
+    return record
+
+
+def _defect(box, area, score) -> dict:
+    return {"box": [int(v) for v in box], "area": int(area), "score": round(float(score), 6)}
+
+
+def _record(path: Path, shape, defects: list[dict], overflow: int, warning: str | None) -> dict:
+    height, width = shape
     record = {
         "file": str(path),
         "key": resume_key(path),
@@ -101,8 +128,8 @@ def image_record(path: Path, found, index: int, warning: str | None) -> dict:
         "height": height,
         "defects": defects,
     }
-    if int(found.overflow[index]):
-        record["components_left_out"] = int(found.overflow[index])
+    if overflow:
+        record["components_left_out"] = overflow
     if warning:
         record["warning"] = warning
     return record
@@ -139,19 +166,23 @@ def _decode(path: Path):
         return path, None, None, str(err)
 
 
-def _batches(decoded: Iterator, batch_size: int) -> Iterator[tuple[list, list]]:
-    """Group decoded images into batches of one size; errors pass through alone."""
+def _batches(decoded: Iterator, batch_size: int, tiled) -> Iterator[tuple[list, list, bool]]:
+    """Group decoded images into batches of one size: ``(batch, errors, in tiles)``. Errors
+    and the images that ``tiled(image)`` sends through tiles pass alone."""
     batch: list = []
     for path, image, warning, error in decoded:
         if error is not None:
-            yield [], [(path, error)]
+            yield [], [(path, error)], False
             continue
-        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
-            yield batch, []
+        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape or tiled(image)):
+            yield batch, [], False
             batch = []
+        if tiled(image):
+            yield [(path, image, warning)], [], True
+            continue
         batch.append((path, image, warning))
     if batch:
-        yield batch, []
+        yield batch, [], False
 
 
 def resume_key(path: Path) -> str:
@@ -215,25 +246,35 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
     progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
     # Decoding threads stay a bounded distance ahead of the device's work.
     decoded = data.threaded_map(_decode, todo, options.decode_threads, ahead=2 * options.batch_size)
-    detector = make_detector(
-        loaded.model,
+    settings = dict(
         threshold=options.threshold,
-        max_components=options.max_components,
-        min_area=options.min_area,
         dtype=options.dtype,
         normalization=(normalization.mean, normalization.std),
     )
+    detector = make_detector(
+        loaded.model,
+        max_components=options.max_components,
+        min_area=options.min_area,
+        **settings,
+    )
+    tile_detector = make_tile_detector(loaded.model, **settings)
+
+    def tiled(image: np.ndarray) -> bool:
+        return options.tile is not None or image.size > options.tile_above
+
     records_file = out_dir / RECORDS_FILE
     with records_file.open("a", encoding="utf-8", errors="surrogateescape") as records:
-        for batch, errors in _batches(decoded, options.batch_size):
+        for batch, errors, in_tiles in _batches(decoded, options.batch_size, tiled):
             for path, error in errors:
                 print(f"error: {error}", file=sys.stderr)
                 record = {"file": str(path), "key": resume_key(path), "error": error}
                 records.write(json.dumps(record) + "\n")
                 counts["failed"] += 1
-            if batch:
+            if batch and in_tiles:
+                _predict_tiled(loaded, tile_detector, batch[0], out_dir, options, records)
+            elif batch:
                 _predict_batch(loaded, detector, batch, out_dir, options, records)
-                counts["images"] += len(batch)
+            counts["images"] += len(batch)
             records.flush()
             progress.update(len(batch) + len(errors))
     progress.close()
@@ -253,6 +294,28 @@ def _predict_batch(loaded, detector, batch, out_dir, options, records) -> None:
             write_overlay(out_dir / "overlays" / name, image, found.masks[index], record)
             record["overlay"] = str(Path("overlays") / name)
         records.write(json.dumps(record) + "\n")
+
+
+def _predict_tiled(loaded, tile_detector, item, out_dir, options, records) -> None:
+    path, image, warning = item
+    overlay = options.overlays and image.size <= options.tile_above
+    found = detect_tiled(
+        tile_detector,
+        loaded.variables,
+        image,
+        tile=options.tile or DEFAULT_TILE,
+        max_components=options.max_components,
+        min_area=options.min_area,
+        keep_maps=overlay,
+    )
+    record = tiled_image_record(path, image.shape, found, warning)
+    if overlay:
+        name = overlay_name(path)
+        write_overlay(out_dir / "overlays" / name, image, found.mask, record)
+        record["overlay"] = str(Path("overlays") / name)
+    elif options.overlays:
+        record["overlay_skipped"] = f"over {options.tile_above} pixels (--tile-above)"
+    records.write(json.dumps(record) + "\n")
 
 
 def write_summaries(out_dir: Path) -> None:

@@ -35,6 +35,7 @@ from cheapnet_jax.labeling import Method, component_segments, label_and_measure
 from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, receptive_field_radius
 
 DEFAULT_TILE = 1024
+DEFAULT_MAX_PARTS = 16384  # per tile; a part is small (8 numbers), a cap only bounds memory
 
 
 def tile_margin() -> int:
@@ -79,7 +80,7 @@ class Defect(NamedTuple):
 
 
 class TileResult(NamedTuple):
-    """What comes back from one tile (K = max_components), in the core's coordinates.
+    """What comes back from one tile (K = max_parts), in the core's coordinates.
 
     stats: int32 [K, 5] ``[x1, y1, x2, y2, area]``; sums: float32 [K] probability sums;
     first: int32 [K] first pixel ``y * core_width + x``; count: components in the core;
@@ -104,7 +105,7 @@ def make_tile_detector(
     model: CheapNet,
     *,
     threshold: float = 0.5,
-    max_components: int = 256,
+    max_parts: int = DEFAULT_MAX_PARTS,
     connectivity: int = 8,
     method: Method = "auto",
     dtype: str = "float32",
@@ -115,7 +116,8 @@ def make_tile_detector(
     ``crop``: uint8 ``[Ch, Cw]`` (multiples of 16); ``offset``: int32 ``[2]`` where the core
     starts in the crop; ``valid``: int32 ``[2]``, the core's rows and columns that lie in the
     unpadded image; ``core_shape`` (static): the core's full size. One compiled program serves
-    every tile of that crop and core shape.
+    every tile of that crop and core shape. ``max_parts``: components measured per tile (the
+    parts of defects, merged later); more are counted in `StripDetector.parts_left_out`.
     """
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
@@ -139,12 +141,12 @@ def make_tile_detector(
         cols = jnp.arange(core_shape[1])[None, :]
         mask = (core > threshold) & (rows < valid[0]) & (cols < valid[1])
         labels, counts, (stats, _, _) = label_and_measure(
-            mask[None], connectivity, max_components, method=method
+            mask[None], connectivity, max_parts, method=method
         )
-        sums = component_sums(labels, core[None], max_components)[0]
+        sums = component_sums(labels, core[None], max_parts)[0]
         first = (
-            jnp.full((max_components,), core_shape[0] * core_shape[1], jnp.int32)
-            .at[component_segments(labels, max_components)]
+            jnp.full((max_parts,), core_shape[0] * core_shape[1], jnp.int32)
+            .at[component_segments(labels, max_parts)]
             .min(jnp.arange(core.size, dtype=jnp.int32), mode="drop")
         )
         labels = labels[0]
@@ -250,7 +252,7 @@ class StripDetector:
 
     Memory holds about ``tile + 4 * margin`` rows of the strip plus the open defects. Every
     emitted defect counts (no ``max_components`` cap over the strip; each tile still keeps at
-    most ``max_components`` components, and ``parts_left_out`` counts those a tile dropped:
+    most ``max_parts`` components, and ``parts_left_out`` counts those a tile dropped:
     with any, the result may differ from whole-image detection). ``min_area`` is applied to
     the merged defects.
     """

@@ -171,3 +171,34 @@ def test_bfloat16_predictions_of_the_real_samples(tmp_path, samples_folder):
     for low, full in zip(largest["bfloat16"], largest["float32"], strict=True):
         assert np.abs(np.subtract(low["box"], full["box"])).max() <= 4
         assert low["area"] == pytest.approx(full["area"], rel=0.05)
+
+
+def test_tiled_prediction_equals_whole_image_prediction(inputs, tmp_path):
+    """--tile 128 (every image, overlays kept) and --tile-above (images over the limit, no
+    overlay): the defects scipy finds on the whole image's mask, with lax layers (bit for bit,
+    tests/test_tiling.py); the 500x450 image has partial tiles at its right and bottom."""
+    checkpoint = str(checkpoint_path(2))
+    model, variables = load_torch_checkpoint(checkpoint_path(2), impl="lax")
+    (inputs / "broken.png").unlink()
+    explicit = run_predict(
+        "--checkpoint", checkpoint, str(inputs), "--out", str(tmp_path / "a"), "--impl", "lax",
+        "--tile", "128",
+    )  # fmt: skip
+    auto = run_predict(
+        "--checkpoint", checkpoint, str(inputs), "--out", str(tmp_path / "b"), "--impl", "lax",
+        "--tile-above", "250000", "--no-overlays",
+    )  # fmt: skip
+    assert explicit.returncode == 0, explicit.stderr
+    assert auto.returncode == 0, auto.stderr
+    tiled = {file_name(r["file"]): r for r in json.loads((tmp_path / "a/defects.json").read_text())}
+    limit = {file_name(r["file"]): r for r in json.loads((tmp_path / "b/defects.json").read_text())}
+    for name in ("1070.PNG", "1084.PNG", "1124.PNG", "colour.png"):
+        image = np.asarray(Image.open(inputs / name).convert("L"))
+        expected = expected_defects(image, model, variables)
+        assert [[*d["box"], d["area"]] for d in tiled[name]["defects"]] == expected, name
+        assert tiled[name]["tiles"] == 16  # 4 x 4 tiles of 128 (512x464 once padded)
+        assert (tmp_path / "a" / tiled[name]["overlay"]).is_file()
+        assert [[*d["box"], d["area"]] for d in limit[name]["defects"]] == expected, name
+    assert any(tiled[name]["defects"] for name in tiled)
+    assert limit["1070.PNG"]["tiles"] == 1  # 512x512 > 250,000 pixels: one tile of 1024
+    assert "tiles" not in limit["colour.png"]  # 500x450 = 225,000 pixels: whole

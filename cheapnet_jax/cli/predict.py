@@ -17,6 +17,7 @@ from cheapnet_jax import cli
 from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint, resolve_normalization
 from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
+from cheapnet_jax.tiling import DEFAULT_TILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--impl", choices=["auto", "lax", "fused"], default="auto", help="layer implementation")
     add("--dtype", choices=sorted(INFERENCE_DTYPES), help="what the network computes in")
+    add(
+        "--tile",
+        type=cli.image_size,
+        help="run every image in tiles of this size (a multiple of 16), exactly "
+        f"(default: tiles of {DEFAULT_TILE} for images over --tile-above pixels)",
+    )
+    add("--tile-above", type=cli.non_negative, help="tile images of more pixels than this")
     parser.set_defaults(**dataclasses.asdict(PredictOptions()))
     return parser
 
