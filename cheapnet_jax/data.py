@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,10 +120,18 @@ def load_image(
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
     except Image.DecompressionBombError as err:  # not an OSError: Pillow's own limit
         raise DataError(
-            f"{path}: larger than Pillow allows ({err}); raise PIL.Image.MAX_IMAGE_PIXELS "
-            "if the file is trusted"
+            f"{path}: larger than Pillow allows ({err}); if the file is trusted, raise the limit "
+            "(predict.py --max-image-pixels)"
         ) from err
     return pixels, warning
+
+
+def allow_image_pixels(count: int) -> None:
+    """Read images of up to ``count`` pixels without Pillow's decompression-bomb warning or
+    error (by default Pillow warns above 89 million pixels and refuses twice that). Global:
+    set once, before reading starts."""
+    Image.MAX_IMAGE_PIXELS = count // 2  # Pillow refuses above twice its limit
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def check_regular_file(path: str | os.PathLike) -> None:

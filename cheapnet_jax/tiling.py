@@ -55,6 +55,8 @@ def pad_axis_to_multiple(image: np.ndarray, axis: int) -> np.ndarray:
     repeating the edge where the axis is too short to reflect."""
     size = image.shape[axis]
     pad = -size % SIZE_MULTIPLE
+    if not pad:
+        return image
     widths = [(0, 0)] * image.ndim
     widths[axis] = (0, pad)
     return np.pad(image, widths, mode="reflect" if size > pad else "edge")

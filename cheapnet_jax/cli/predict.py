@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from cheapnet_jax import cli
+from cheapnet_jax import cli, data
 from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint, resolve_normalization
 from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", required=True, help="output folder")
     add("--threshold", type=cli.probability, help="a pixel is a defect if its probability > this")
     add("--min-area", type=cli.non_negative, help="drop smaller defects (pixels)")
+    add(
+        "--max-components",
+        type=cli.count,
+        help="defects recorded per image, the first in raster order; the rest are counted "
+        "(components_left_out)",
+    )
     add("--batch-size", type=cli.count, help="images per forward pass")
     add("--decode-threads", type=cli.count, help="threads decoding images ahead")
     add("--no-overlays", dest="overlays", action="store_false", help="skip the overlay PNGs")
@@ -51,12 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: tiles of {DEFAULT_TILE} for images over --tile-above pixels)",
     )
     add("--tile-above", type=cli.non_negative, help="tile images of more pixels than this")
+    add(
+        "--max-image-pixels",
+        type=cli.count,
+        help="read images of up to this many pixels (default: Pillow's decompression-bomb "
+        "limit, about 179 million)",
+    )
     parser.set_defaults(**dataclasses.asdict(PredictOptions()))
     return parser
 
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_image_pixels is not None:
+        data.allow_image_pixels(args.max_image_pixels)
     loaded = load_checkpoint(args.checkpoint, args.impl)
     normalization = resolve_normalization(args.normalization, loaded)
     paths = find_images(args.inputs)
