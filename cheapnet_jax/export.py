@@ -10,24 +10,46 @@
 - ``stablehlo``: a serialized `jax.export` artifact of ``x [batch, H, W, 1] -> probabilities``
   with the weights baked in and a symbolic batch dimension; `load_stablehlo` reloads it and runs
   it without the model code.
+- ``stablehlo --pipeline``: the whole detector in one artifact, from uint8 images
+  ``[batch, H, W]`` (any H, W fixed at export; padded inside as `predict.py` pads them) to
+  ``{"masks", "boxes", "areas", "scores", "valid", "overflow"}`` (`PIPELINE_OUTPUTS`), with the
+  normalisation, threshold, minimum area and component cap baked in. The labeler is the
+  union-find (no host callback, so the artifact runs on any backend). At export time the
+  reloaded artifact runs on a few images and is compared with the JAX pipeline (`predict.py`'s
+  detector); the comparison is written beside the artifact as ``<out>.parity.json``.
 - ``torch``: ``{"CheapNet": state_dict}`` that the authors' code loads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheapnet_jax import data
 from cheapnet_jax.checkpoints import load_checkpoint
+from cheapnet_jax.detection import (
+    detections_from_probabilities,
+    make_detector,
+    network_probabilities,
+)
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import write_atomic
-from cheapnet_jax.model import BN_EPSILON, LEAKY_SLOPE, CheapNet, check_input_shape
+from cheapnet_jax.model import (
+    BN_EPSILON,
+    LEAKY_SLOPE,
+    SIZE_MULTIPLE,
+    CheapNet,
+    check_input_shape,
+)
+from cheapnet_jax.synthetic import make_split
 from cheapnet_jax.torch_import import BLOCKS, TRANSPOSED_BLOCKS, features_of
 
 ONNX_OPSET = 17
@@ -131,6 +153,112 @@ def load_stablehlo(path: str | os.PathLike) -> Callable[[jax.Array], jax.Array]:
     return exported.call
 
 
+PIPELINE_OUTPUTS = {
+    "masks": "bool [batch, H, W]: probability > threshold",
+    "boxes": "int32 [batch, K, 4]: x1, y1, x2, y2, inclusive, raster order of first pixel",
+    "areas": "int32 [batch, K]: pixels per defect",
+    "scores": "float32 [batch, K]: mean probability inside each defect",
+    "valid": "bool [batch, K]: a defect of at least min_area pixels",
+    "overflow": "int32 [batch]: components beyond K, not reported",
+}
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """What a pipeline artifact bakes in; the defaults are `predict.py`'s."""
+
+    height: int
+    width: int
+    mean: float
+    std: float
+    threshold: float = 0.5
+    min_area: int = 0
+    max_components: int = 256
+    connectivity: int = 8
+
+
+def pad_on_device(pixels: jax.Array) -> jax.Array:
+    """`prediction.pad_to_multiple` inside a program: ``[B, H, W]`` padded at the bottom and
+    right to multiples of 16, each axis by reflection or, too short to reflect, its edge."""
+    for axis in (1, 2):
+        size = pixels.shape[axis]
+        pad = -size % SIZE_MULTIPLE
+        widths = [(0, 0)] * 3
+        widths[axis] = (0, pad)
+        if pad:
+            pixels = jnp.pad(pixels, widths, mode="reflect" if size > pad else "edge")
+    return pixels
+
+
+def pipeline_function(
+    model: CheapNet, variables: Mapping, settings: PipelineSettings
+) -> Callable[[jax.Array], dict]:
+    """uint8 ``[batch, H, W]`` -> `PIPELINE_OUTPUTS`, without host callbacks."""
+    weights = jax.tree.map(jnp.asarray, variables)
+
+    def pipeline(pixels: jax.Array) -> dict:
+        probabilities = network_probabilities(
+            model, weights, pad_on_device(pixels), normalization=(settings.mean, settings.std)
+        )[:, : settings.height, : settings.width]
+        found = detections_from_probabilities(
+            probabilities,
+            threshold=settings.threshold,
+            max_components=settings.max_components,
+            min_area=settings.min_area,
+            connectivity=settings.connectivity,
+            method="union_find",
+        )
+        return {
+            "masks": found.masks,
+            "boxes": found.stats[..., :4],
+            "areas": found.stats[..., 4],
+            "scores": found.scores,
+            "valid": found.valid,
+            "overflow": found.overflow,
+        }
+
+    return pipeline
+
+
+def load_stablehlo_pipeline(path: str | os.PathLike) -> Callable[[np.ndarray], dict]:
+    """The exported pipeline, callable on uint8 ``[batch, H, W]``; returns `PIPELINE_OUTPUTS`."""
+    return load_stablehlo(path)
+
+
+def pipeline_parity(
+    run_artifact: Callable[[np.ndarray], dict],
+    detector: Callable,
+    variables: Mapping,
+    images: np.ndarray,
+) -> dict:
+    """The artifact against the JAX pipeline (a `make_detector` with the same settings) on
+    uint8 ``images [N, H, W]``: per image whether the defects (boxes, areas, validity) are
+    equal, the largest score difference, and the fraction of equal mask pixels."""
+    height, width = images.shape[1:]
+    rows = []
+    for index, image in enumerate(images):
+        got = jax.device_get(run_artifact(image[None]))
+        padded = np.asarray(pad_on_device(jnp.asarray(image[None])))
+        want = jax.device_get(detector(variables, jnp.asarray(padded), crop=(height, width)))
+        valid = want.valid[0]
+        rows.append(
+            {
+                "image": index,
+                "defects": int(valid.sum()),
+                "same_defects": bool(
+                    np.array_equal(got["valid"][0], valid)
+                    and np.array_equal(got["boxes"][0][valid], want.stats[0][valid, :4])
+                    and np.array_equal(got["areas"][0][valid], want.stats[0][valid, 4])
+                ),
+                "max_score_difference": float(
+                    np.max(np.abs(got["scores"][0] - want.scores[0]), initial=0.0)
+                ),
+                "mask_agreement": float(np.mean(got["masks"][0] == want.masks[0])),
+            }
+        )
+    return {"images": rows, "all_same_defects": all(r["same_defects"] for r in rows)}
+
+
 def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512) -> Path:
     """Write ``checkpoint`` (authors' .pkl or a workdir) as ``fmt`` to ``out``; nothing is
     written for an ``image_size`` the network cannot take (not a multiple of 16)."""
@@ -150,6 +278,76 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, image_size: int = 512
 
         save_torch_checkpoint(loaded.variables, out_path)
     return out_path
+
+
+def parity_images(
+    paths: list[str], height: int, width: int, count: int = 3
+) -> tuple[np.ndarray, str]:
+    """uint8 ``[N, height, width]`` to check an artifact on, and where they came from: the
+    given image files (each must be height x width), else synthetic defective images."""
+    if paths:
+        images = []
+        for path in paths:
+            image = data.load_image(path, convert_to_grayscale=True)[0]
+            if image.shape != (height, width):
+                raise SettingsError(
+                    f"{path}: {image.shape[0]}x{image.shape[1]} pixels, but the pipeline is "
+                    f"exported for {height}x{width} (--image-size)"
+                )
+            images.append(image)
+        return np.stack(images), "files: " + ", ".join(paths)
+    side = -(-max(height, width) // SIZE_MULTIPLE) * SIZE_MULTIPLE
+    images = make_split("test", count, side, seed=0)[0][:, :height, :width]
+    return images, f"{count} synthetic test images (cheapnet_jax.synthetic)"
+
+
+def export_pipeline(
+    checkpoint: str,
+    out: str,
+    settings: PipelineSettings,
+    *,
+    platforms: tuple[str, ...] | None = None,
+    parity_paths: list[str] = (),
+) -> tuple[Path, dict]:
+    """Write the pipeline artifact of ``checkpoint`` to ``out`` and its parity report to
+    ``<out>.parity.json``; returns the artifact's path and the report."""
+    loaded = load_checkpoint(checkpoint)
+    images, origin = parity_images(list(parity_paths), settings.height, settings.width)
+    function = jax.jit(pipeline_function(loaded.model, loaded.variables, settings))
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, settings.height, settings.width), jnp.uint8)
+    artifact = bytes(jax.export.export(function, platforms=platforms)(spec).serialize())
+    reloaded = jax.export.deserialize(bytearray(artifact))
+    detector = make_detector(
+        loaded.model,
+        threshold=settings.threshold,
+        max_components=settings.max_components,
+        min_area=settings.min_area,
+        connectivity=settings.connectivity,
+        normalization=(settings.mean, settings.std),
+    )
+    report = {
+        "artifact": Path(out).name,
+        "checkpoint": loaded.source,
+        "settings": asdict(settings),
+        "platforms": list(reloaded.platforms),
+        "outputs": PIPELINE_OUTPUTS,
+        "parity_images": origin,
+    }
+    if jax.default_backend() in reloaded.platforms:
+        report |= pipeline_parity(reloaded.call, detector, loaded.variables, images)
+    else:
+        report["all_same_defects"] = None  # not runnable here: checked where it runs
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_path, artifact)
+    write_atomic(parity_path(out_path), json.dumps(report, indent=2) + "\n")
+    return out_path, report
+
+
+def parity_path(artifact: Path) -> Path:
+    """Where the parity report of an artifact is written: ``<artifact>.parity.json``."""
+    return artifact.with_name(artifact.name + ".parity.json")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,15 @@ def image_size(text: str) -> int:
     return value
 
 
+def image_shape(text: str) -> tuple[int, int]:
+    """``N`` (square) or ``HxW``: positive image sides, any size."""
+    parts = text.lower().split("x")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW, such as 512 or 500x450")
+    sides = tuple(count(part) for part in parts)
+    return (sides[0], sides[0]) if len(sides) == 1 else sides
+
+
 def counts(text: str) -> tuple[int, ...]:
     """Comma-separated integers >= 1 (``1,64,256``)."""
     return tuple(count(part) for part in text.split(",") if part.strip())

@@ -1,13 +1,29 @@
 """``python -m cheapnet_jax.export`` / ``cheapnet-export``: a checkpoint as ONNX, StableHLO or
-the authors' torch format (see `cheapnet_jax.export`)."""
+the authors' torch format, or the whole detector (uint8 images -> defects) as one StableHLO
+artifact with ``--pipeline`` (see `cheapnet_jax.export`).
+
+    python -m cheapnet_jax.export --checkpoint runs/demo --format stablehlo --pipeline \
+        --image-size 512 --threshold 0.5 --min-area 10 --out cheapnet.pipeline.stablehlo
+
+Exit status 0; 1 when the pipeline artifact gives other defects than the JAX pipeline on the
+parity images (the artifact and its report are written either way).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from cheapnet_jax import cli
-from cheapnet_jax.export import FORMATS, export_checkpoint
+from cheapnet_jax.errors import SettingsError
+from cheapnet_jax.export import (
+    FORMATS,
+    PipelineSettings,
+    export_checkpoint,
+    export_pipeline,
+    parity_path,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,15 +35,85 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
     add("--format", required=True, choices=FORMATS, help="what to write")
     add("--out", required=True, help="the file to write")
-    add("--image-size", type=cli.image_size, default=512, help="H = W of the input")
+    add(
+        "--image-size",
+        default="512",
+        help="H = W of the input (a multiple of 16); with --pipeline any N or HxW",
+    )
+    pipeline = parser.add_argument_group("--pipeline: the detector, images to defects")
+    add = pipeline.add_argument
+    add("--pipeline", action="store_true", help="export the whole detector (stablehlo only)")
+    add("--threshold", type=cli.probability, default=0.5, help="pixel probability threshold")
+    add("--min-area", type=cli.non_negative, default=0, help="smallest defect kept (pixels)")
+    add("--max-components", type=cli.count, default=256, help="defects reported per image")
+    add(
+        "--normalization",
+        type=cli.normalization,
+        help="mean,std of pixel/255 (none: the checkpoint's own, else the authors')",
+    )
+    add(
+        "--platforms",
+        type=lambda text: tuple(p.strip() for p in text.split(",") if p.strip()),
+        help="where the artifact will run, e.g. cpu,cuda (default: this machine's backend)",
+    )
+    add("--parity-images", nargs="+", default=[], help="images (HxW) to check the artifact on")
     return parser
 
 
+def _image_size(parser: argparse.ArgumentParser, text: str, check: Callable):
+    """--image-size checked by ``check`` (it depends on --pipeline), argparse's way on error."""
+    try:
+        return check(text)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"argument --image-size: {err}")
+
+
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    path = export_checkpoint(args.checkpoint, args.format, args.out, args.image_size)
-    print(f"wrote {path} ({args.format}, {path.stat().st_size:,} bytes)")
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.pipeline:
+        size = _image_size(parser, args.image_size, cli.image_size)
+        path = export_checkpoint(args.checkpoint, args.format, args.out, size)
+        print(f"wrote {path} ({args.format}, {path.stat().st_size:,} bytes)")
+        return 0
+    if args.format != "stablehlo":
+        raise SettingsError(f"--pipeline exports StableHLO only, not --format {args.format}")
+    height, width = _image_size(parser, args.image_size, cli.image_shape)
+    normalization = args.normalization or _checkpoint_normalization(args.checkpoint)
+    settings = PipelineSettings(
+        height=height,
+        width=width,
+        mean=normalization[0],
+        std=normalization[1],
+        threshold=args.threshold,
+        min_area=args.min_area,
+        max_components=args.max_components,
+    )
+    path, report = export_pipeline(
+        args.checkpoint,
+        args.out,
+        settings,
+        platforms=args.platforms,
+        parity_paths=args.parity_images,
+    )
+    print(f"wrote {path} (pipeline for {height}x{width} uint8, {path.stat().st_size:,} bytes)")
+    if report["all_same_defects"] is None:
+        print(f"parity not checked: this machine runs none of {', '.join(report['platforms'])}")
+        return 0
+    same = sum(r["same_defects"] for r in report["images"])
+    worst = max(r["max_score_difference"] for r in report["images"])
+    print(
+        f"parity with the JAX pipeline: {same}/{len(report['images'])} images with the same "
+        f"defects, scores within {worst:.2g}; report in {parity_path(path)}"
+    )
+    return 0 if report["all_same_defects"] else 1
+
+
+def _checkpoint_normalization(checkpoint: str) -> tuple[float, float]:
+    from cheapnet_jax.checkpoints import load_checkpoint, resolve_normalization
+
+    normalization = resolve_normalization(None, load_checkpoint(checkpoint))
+    return normalization.mean, normalization.std
 
 
 def main(argv: list[str] | None = None) -> int:
