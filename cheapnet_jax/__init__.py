@@ -9,6 +9,7 @@ from cheapnet_jax.labeling import (
     label_components,
 )
 from cheapnet_jax.model import VARIANTS, CheapNet, param_count
+from cheapnet_jax.tiling import StripDetector, detect_tiled, make_tile_detector
 from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint
 
 __all__ = [
@@ -18,13 +19,16 @@ __all__ = [
     "ComponentStats",
     "DataError",
     "Detections",
+    "StripDetector",
     "UserError",
     "component_stats",
     "detect",
+    "detect_tiled",
     "label_and_measure",
     "label_components",
     "load_torch_checkpoint",
     "make_detector",
+    "make_tile_detector",
     "param_count",
     "save_torch_checkpoint",
 ]

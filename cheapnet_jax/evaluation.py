@@ -68,6 +68,11 @@ class Tally:
     all predicted pixels with score 1.0 against the box around all label pixels; *component*,
     one box per 8-connected predicted component scored by its mean probability against one box
     per 8-connected label component.
+
+    Image level (`metrics.image_level_metrics`), reported when the data holds defect-free
+    images: an image's verdict is NG when it has a predicted defect, as in `predict.py`; its
+    score is its maximum pixel probability (the choice of NVIDIA's DAGM UNet-Industrial), so
+    that at the threshold in use, NG is exactly score > threshold.
     """
 
     counts: metrics.ConfusionCounts = field(
@@ -78,6 +83,9 @@ class Tally:
     component_truth: list = field(default_factory=list)
     component_found: list = field(default_factory=list)
     left_out: int = 0
+    image_scores: list = field(default_factory=list)
+    image_defective: list = field(default_factory=list)
+    image_rejected: list = field(default_factory=list)
 
     def add(self, found: Detections, truth: ComponentStats, masks: np.ndarray) -> None:
         """Add a batch (numpy arrays, padding removed): detections, label components, labels."""
@@ -94,6 +102,9 @@ class Tally:
             boxes = _boxes(found.stats[i], found.valid[i])
             scores = found.scores[i][found.valid[i]]
             self.component_found.append(list(zip(boxes, scores, strict=True)))
+            self.image_scores.append(float(found.probabilities[i].max()))
+            self.image_defective.append(bool(mask.any()))
+            self.image_rejected.append(bool(found.valid[i].any()))
 
     def figures(self) -> dict:
         """Segmentation metrics, both mAPs and the number of predicted components."""
@@ -105,7 +116,13 @@ class Tally:
             )
         paper = metrics.coco_box_ap(self.paper_truth, self.paper_found)
         component = metrics.coco_box_ap(self.component_truth, self.component_found)
+        image_level = {}
+        if not all(self.image_defective):
+            image_level["image_level"] = metrics.image_level_metrics(
+                np.array(self.image_scores), self.image_defective, self.image_rejected
+            )
         return {
+            **image_level,
             **metrics.segmentation_metrics(self.counts),
             "map_paper": paper["map"],
             "ap50_paper": paper["ap50"],

@@ -135,3 +135,61 @@ def coco_box_ap(
         evaluator.accumulate()
         evaluator.summarize()
     return {"map": float(evaluator.stats[0]), "ap50": float(evaluator.stats[1])}
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of ``scores`` for the boolean labels ``positive``: the chance
+    that a positive scores above a negative, ties counting half (Mann-Whitney U with average
+    ranks; the value of scikit-learn's ``roc_auc_score``). None without both classes."""
+    from scipy.stats import rankdata
+
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+    if not n_positive or not n_negative:
+        return None
+    rank_sum = rankdata(scores)[positive].sum()
+    return float((rank_sum - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Average precision: the sum over distinct score thresholds, high to low, of the recall
+    gained times the precision there (scikit-learn's ``average_precision_score``, no
+    interpolation). None without positives."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    if not positive.any():
+        return None
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_each_score = np.r_[np.nonzero(np.diff(scores))[0], scores.size - 1]
+    true_positives = np.cumsum(positive)[last_of_each_score]
+    precision = true_positives / (last_of_each_score + 1)
+    recall = true_positives / positive.sum()
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def image_level_metrics(
+    scores: np.ndarray, defective: np.ndarray, rejected: np.ndarray
+) -> dict[str, float | int | None]:
+    """Image-level verdict figures, for an inspection line's question "good or bad?".
+
+    ``scores``: one per image (higher: more likely defective); ``defective``: the truth;
+    ``rejected``: the verdict at the settings in use (NG). Detection rate (TPR, recall of
+    defective images), false alarm rate (FPR, share of good images rejected), the confusion
+    counts of the verdicts, and the threshold-free AUROC and AP of the scores. A rate whose
+    denominator is zero is None.
+    """
+    defective, rejected = np.asarray(defective, bool), np.asarray(rejected, bool)
+    tp = int(np.sum(rejected & defective))
+    fp = int(np.sum(rejected & ~defective))
+    fn = int(np.sum(~rejected & defective))
+    tn = int(np.sum(~rejected & ~defective))
+    return {
+        "images": int(defective.size),
+        "defective_images": tp + fn,
+        "good_images": fp + tn,
+        "detection_rate": tp / (tp + fn) if tp + fn else None,
+        "false_alarm_rate": fp / (fp + tn) if fp + tn else None,
+        "auroc": roc_auc(scores, defective),
+        "ap": average_precision(scores, defective),
+        "verdicts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+    }

@@ -252,7 +252,8 @@ class StripDetector:
         for defect in strip.finish():           # the rest
             ...
 
-    Memory holds about ``tile + 4 * margin`` rows of the strip plus the open defects. Every
+    Memory holds at most ``2 * tile + 3 * margin`` rows of the strip (plus the last chunk) and
+    the parts of the defects still open. Every
     emitted defect counts (no ``max_components`` cap over the strip; each tile still keeps at
     most ``max_parts`` components, and ``parts_left_out`` counts those a tile dropped:
     with any, the result may differ from whole-image detection). ``min_area`` is applied to

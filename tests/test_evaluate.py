@@ -87,8 +87,9 @@ def test_cli_smoke_run_on_synthetic_data(tmp_path):
     result = run_cli("--variant", "S", "--json", str(out))
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
-    assert figures["images"] == 16 and figures["params"] == 277
+    assert figures["images"] == 24 and figures["params"] == 277
     assert 0.0 <= figures["miou"] <= 1.0
+    assert figures["image_level"]["good_images"] == 8  # the synthetic default has good images
 
 
 def test_cli_bad_folder_names_it(tmp_path):

@@ -81,8 +81,32 @@ def format_table(figures: Mapping[str, object]) -> str:
         ("AP50 (components)", f"{figures['ap50_component']:.4f}"),
         ("predicted components", str(figures["predicted_components"])),
     ]
+    if "image_level" in figures:
+        rows += _image_level_rows(figures["image_level"])
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _image_level_rows(image_level: Mapping) -> list[tuple[str, str]]:
+    def figure(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    verdicts = image_level["verdicts"]
+    return [
+        (
+            "images: defective / good",
+            f"{image_level['defective_images']} / {image_level['good_images']}",
+        ),
+        ("detection rate (TPR)", figure(image_level["detection_rate"])),
+        ("false alarm rate (FPR)", figure(image_level["false_alarm_rate"])),
+        ("image AUROC (max probability)", figure(image_level["auroc"])),
+        ("image AP (max probability)", figure(image_level["ap"])),
+        ("verdicts TP / FN / FP / TN", "{tp} / {fn} / {fp} / {tn}".format(**verdicts)),
+    ]
+
+
+# --data synthetic: defective test images, then defect-free ones for the image-level figures
+SYNTHETIC_DEFECTIVE, SYNTHETIC_GOOD = 16, 8
 
 
 def run_evaluation(request: EvaluationRequest) -> int:
@@ -94,7 +118,12 @@ def run_evaluation(request: EvaluationRequest) -> int:
         folder = request.data_source
         if folder == "synthetic":
             size = request.image_size or loaded.image_size or 256
-            folder = write_dagm_folder(Path(scratch) / "synthetic", count=16, size=size)
+            folder = write_dagm_folder(
+                Path(scratch) / "synthetic",
+                count=SYNTHETIC_DEFECTIVE,
+                size=size,
+                defect_free=SYNTHETIC_GOOD,
+            )
         stopped = None
         try:
             results = evaluate_folder(
