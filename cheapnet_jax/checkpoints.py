@@ -312,6 +312,15 @@ def load_checkpoint(path: str | os.PathLike, impl: Impl = "auto") -> LoadedModel
     return loaded
 
 
+def calibration_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's calibration (`cheapnet_jax.calibration`) is kept: in a workdir,
+    ``calibration.json``; beside a ``.pkl``, ``<name>.calibration.json``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path / "calibration.json"
+    return path.with_name(path.name + ".calibration.json")
+
+
 def resolve_normalization(flag: tuple[float, float] | None, loaded: LoadedModel) -> Normalization:
     """``--normalization`` first, then the checkpoint's own statistics, then the authors'
     Class-6 values."""

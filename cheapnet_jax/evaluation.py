@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
+from cheapnet_jax.calibration import CalibrationData
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
     Normalization,
@@ -145,12 +146,14 @@ def evaluate_folder(
     max_components: int = 256,
     progress: bool = True,
     dtype: str = "float32",
+    calibration: CalibrationData | None = None,
 ) -> dict:
     """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder.
 
     Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
     The images go to the device as uint8 and are normalised there; the network runs in
-    ``dtype`` (`detection.INFERENCE_DTYPES`).
+    ``dtype`` (`detection.INFERENCE_DTYPES`). With ``calibration``, each image's probabilities
+    are also measured for threshold calibration (`cheapnet_jax.calibration`).
     """
     samples = data.list_dagm_samples(folder)
     if batch_size is None:
@@ -175,6 +178,8 @@ def evaluate_folder(
             padded = compiled_batch_size(n, batch_size)
             found = _first(detector(variables, jnp.asarray(pad_batch(images, padded))), n)
             tally.add(found, _first(truth_of(pad_batch(masks, padded)), n), masks)
+            if calibration is not None:
+                calibration.add(found.probabilities, masks)
             evaluated, image_size = evaluated + n, list(images.shape[1:3])
     except data.DataError as err:
         partial = (

@@ -188,22 +188,25 @@ def write_dagm_folder(
     seed: int = 0,
     class_id: int = 0,
     defect_free: int = 0,
+    split: str = "test",
 ) -> Path:
-    """Write the ``count`` images of the test split in the DAGM layout; returns the folder.
+    """Write the ``count`` images of a split (default: test) in the DAGM layout; returns the
+    folder.
 
     ``defect_free`` more images without a defect follow them, listed in ``Labels.txt`` with
     label ``0`` and no label file, as in DAGM.
     """
     folder = Path(folder)
     (folder / "Label").mkdir(parents=True, exist_ok=True)
-    images, masks = make_split("test", count, size, seed)
+    images, masks = make_split(split, count, size, seed)
     rows = [str(class_id)]
     for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         name = f"{index + 1:04d}"
         Image.fromarray(image).save(folder / f"{name}.PNG")
         Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "Label" / f"{name}_label.PNG")
         rows.append(f"{index + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
-    rng = np.random.default_rng([seed, len(SPLIT_SEEDS)])  # a stream no split uses
+    # a stream no split's defective images use, one per split
+    rng = np.random.default_rng([seed, len(SPLIT_SEEDS) + sorted(SPLIT_SEEDS).index(split)])
     for index in range(count, count + defect_free):
         image, _ = make_sample(rng, size, defective=False, family=index % len(FAMILIES))
         Image.fromarray(image).save(folder / f"{index + 1:04d}.PNG")

@@ -86,6 +86,14 @@ def probability(text: str) -> float:
     return value
 
 
+def rate(text: str) -> float:
+    """A rate between 0 and 1, both included."""
+    value = _number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be in [0, 1]")
+    return value
+
+
 def count(text: str) -> int:
     """An integer >= 1."""
     value = _integer(text)

@@ -22,13 +22,16 @@ from pathlib import Path
 import jax
 
 from cheapnet_jax import cli
+from cheapnet_jax.calibration import CalibrationData, calibrate, write_calibration
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
     LoadedModel,
+    calibration_path,
     load_checkpoint,
     resolve_normalization,
 )
 from cheapnet_jax.detection import INFERENCE_DTYPES
+from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.evaluation import EvaluationStopped, evaluate_folder
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
@@ -52,6 +55,9 @@ class EvaluationRequest:
     image_size: int | None = None  # synthetic data: None = the training size, else 256
     progress: bool = True
     dtype: str = "float32"
+    calibrate: bool = False
+    target_fpr: float | None = None
+    target_tpr: float | None = None
 
 
 def load_model(request: EvaluationRequest) -> LoadedModel:
@@ -111,8 +117,13 @@ SYNTHETIC_DEFECTIVE, SYNTHETIC_GOOD = 16, 8
 
 def run_evaluation(request: EvaluationRequest) -> int:
     """Evaluate, print the table, write JSON if asked; returns the process exit status."""
+    if request.calibrate and request.checkpoint is None:
+        raise SettingsError("--calibrate needs --checkpoint: the calibration is stored with it")
+    if not request.calibrate and (request.target_fpr, request.target_tpr) != (None, None):
+        raise SettingsError("--target-fpr and --target-tpr choose a calibration: add --calibrate")
     loaded = load_model(request)
     model, variables, source = loaded.model, loaded.variables, loaded.source
+    calibration_data = CalibrationData() if request.calibrate else None
     normalization = resolve_normalization(request.normalization, loaded)
     with tempfile.TemporaryDirectory() as scratch:
         folder = request.data_source
@@ -123,6 +134,8 @@ def run_evaluation(request: EvaluationRequest) -> int:
                 count=SYNTHETIC_DEFECTIVE,
                 size=size,
                 defect_free=SYNTHETIC_GOOD,
+                # calibration chooses on validation data, never on the test images
+                split="validation" if request.calibrate else "test",
             )
         stopped = None
         try:
@@ -135,6 +148,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
                 batch_size=request.batch_size,
                 progress=request.progress,
                 dtype=request.dtype,
+                calibration=calibration_data,
             )
         except EvaluationStopped as err:
             if err.partial is None:
@@ -164,7 +178,23 @@ def run_evaluation(request: EvaluationRequest) -> int:
     if stopped:
         print(f"error: {stopped}; the figures above cover those images only", file=sys.stderr)
         return 1
+    if calibration_data is not None:
+        store_calibration(request, calibration_data, source)
     return 0
+
+
+def store_calibration(request: EvaluationRequest, data: CalibrationData, source: str) -> None:
+    """Choose the threshold and minimum area, store them with the checkpoint, say so."""
+    chosen = calibrate(data, request.target_fpr, request.target_tpr)
+    path = calibration_path(request.checkpoint)
+    written = write_calibration(path, chosen, checkpoint=source, data=str(request.data_source))
+    print(
+        f"calibrated ({chosen['objective']}, {chosen['images']['defective']} defective and "
+        f"{chosen['images']['good']} good images): threshold {chosen['threshold']}, "
+        f"min area {chosen['min_area']} -> detection rate {chosen['tpr']:.4f}, "
+        f"false alarm rate {chosen['fpr']:.4f}, F1 {chosen['f1']:.4f}"
+    )
+    print(f"wrote {', '.join(str(p) for p in written)}; predict.py uses it by default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--impl", choices=["auto", "lax", "fused"], help="layer implementation")
     add("--dtype", choices=sorted(INFERENCE_DTYPES), help="what the network computes in")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    calibration = parser.add_argument_group(
+        "--calibrate: choose the threshold and minimum defect area on validation data"
+    )
+    calibration.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="choose them on --data (it needs defect-free images) and store them with the "
+        "checkpoint for predict.py; synthetic data: the validation split",
+    )
+    target = calibration.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-fpr", type=cli.rate, help="highest detection rate at this false alarm rate"
+    )
+    target.add_argument(
+        "--target-tpr", type=cli.rate, help="lowest false alarm rate at this detection rate"
+    )
     bench = parser.add_argument_group("--jit-bench: speed of segmentation and detection")
     bench.add_argument("--jit-bench", action="store_true", help="benchmark instead of evaluate")
     bench.add_argument("--variants", help="e.g. S,M,L (default S,M; L on GPUs)")

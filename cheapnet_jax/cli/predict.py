@@ -14,7 +14,13 @@ import dataclasses
 import sys
 
 from cheapnet_jax import cli, data
-from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint, resolve_normalization
+from cheapnet_jax.calibration import read_calibration
+from cheapnet_jax.checkpoints import (
+    AUTHORS_NORMALIZATION,
+    calibration_path,
+    load_checkpoint,
+    resolve_normalization,
+)
 from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
 from cheapnet_jax.tiling import DEFAULT_TILE
@@ -29,8 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
     add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
     add("--out", required=True, help="output folder")
-    add("--threshold", type=cli.probability, help="a pixel is a defect if its probability > this")
-    add("--min-area", type=cli.non_negative, help="drop smaller defects (pixels)")
+    add(
+        "--threshold",
+        type=cli.probability,
+        help="a pixel is a defect if its probability > this (none: the checkpoint's "
+        f"calibration, else {PredictOptions.threshold})",
+    )
+    add(
+        "--min-area",
+        type=cli.non_negative,
+        help="drop smaller defects, in pixels (none: the checkpoint's calibration, else "
+        f"{PredictOptions.min_area})",
+    )
+    add(
+        "--no-calibration",
+        dest="use_calibration",
+        action="store_false",
+        help="ignore the checkpoint's calibration (evaluate.py --calibrate)",
+    )
     add(
         "--max-components",
         type=cli.count,
@@ -63,8 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="read images of up to this many pixels (default: Pillow's decompression-bomb "
         "limit, about 179 million)",
     )
-    parser.set_defaults(**dataclasses.asdict(PredictOptions()))
+    # threshold and min_area: None until resolved (see `resolve_thresholds`)
+    parser.set_defaults(**{**dataclasses.asdict(PredictOptions()), "threshold": None})
+    parser.set_defaults(min_area=None)
     return parser
+
+
+def resolve_thresholds(args: argparse.Namespace) -> str:
+    """Fill in ``args.threshold`` and ``args.min_area`` left unset: from the checkpoint's
+    calibration when there is one (and --no-calibration is not given), else the defaults;
+    returns a line saying where each came from."""
+    calibration_file = calibration_path(args.checkpoint)
+    calibration = read_calibration(calibration_file) if args.use_calibration else None
+    origins = []
+    for name, flag in (("threshold", "--threshold"), ("min_area", "--min-area")):
+        if getattr(args, name) is not None:
+            origin = flag
+        elif calibration is not None:
+            setattr(args, name, calibration[name])
+            origin = f"calibration {calibration_file}"
+        else:
+            setattr(args, name, getattr(PredictOptions, name))
+            origin = "default"
+        origins.append(f"{name.replace('_', ' ')} {getattr(args, name)} ({origin})")
+    return "using " + ", ".join(origins)
 
 
 def _main(argv: list[str]) -> int:
@@ -72,6 +116,7 @@ def _main(argv: list[str]) -> int:
     if args.max_image_pixels is not None:
         data.allow_image_pixels(args.max_image_pixels)
     loaded = load_checkpoint(args.checkpoint, args.impl)
+    print(resolve_thresholds(args))
     normalization = resolve_normalization(args.normalization, loaded)
     paths = find_images(args.inputs)
     fields = dataclasses.fields(PredictOptions)
