@@ -26,12 +26,16 @@ $(VENV)/.installed: $(VENV)/.core-installed
 	touch $@
 
 # Train CheapNet-S on the built-in synthetic data (about 2 minutes on 2 CPU cores), then
-# evaluate its best checkpoint on the synthetic test split. Running it again resumes/reuses.
+# evaluate its best checkpoint on the synthetic test split, then calibrate its threshold and
+# minimum defect area on the validation split (predict.py then uses them). Running it again
+# resumes/reuses.
 demo: install-core
 	$(BIN)/python train.py --variant S --data synthetic --image-size 128 --batch-size 4 \
 		--epochs 80 --milestones 60,70 --workdir runs/demo --no-progress
 	$(BIN)/python evaluate.py --checkpoint runs/demo --data synthetic --no-progress \
 		--json runs/demo/evaluation.json
+	$(BIN)/python evaluate.py --checkpoint runs/demo --data synthetic --calibrate --no-progress \
+		--json runs/demo/calibration-evaluation.json
 
 lint: install
 	$(BIN)/ruff check .
