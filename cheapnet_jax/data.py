@@ -7,6 +7,11 @@ defect). Labels are ``Label/NNNN_label.PNG``, 0/255 ellipses.
 
 Images must be 8-bit grayscale with H and W multiples of 16; RGB, 16-bit or palette PNGs are
 rejected (not converted): DAGM is 8-bit grayscale, so anything else means the wrong files.
+
+The plain layout, for a team's own data (`list_plain_samples`): ``images/`` and ``masks/`` with
+the same file stems, a missing mask meaning a defect-free image, masks 0 / non-zero; 8-bit
+grayscale images of any size, padded at the bottom and right to a multiple of 16 as
+`predict.py` pads them (`pad_to_multiple`). `list_samples` reads either layout.
 """
 
 from __future__ import annotations
@@ -41,13 +46,18 @@ CLASS6_STD = 0.278
 LABELS_FILE = Path("Label") / "Labels.txt"
 
 
+IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
 @dataclass(frozen=True)
 class DagmSample:
-    """One row of a DAGM ``Labels.txt``: an image and, when defective, its label file."""
+    """An image and, when defective, its label file: a row of a DAGM ``Labels.txt``, or an
+    image of the plain layout (``any_size``: H and W need not be multiples of 16)."""
 
     image_path: Path
     label_path: Path | None
     class_id: int
+    any_size: bool = False
 
     @property
     def name(self) -> str:
@@ -86,6 +96,65 @@ def list_dagm_samples(folder: str | os.PathLike) -> list[DagmSample]:
     if not samples:
         raise DataError(f"{labels_file}: lists no images")
     return samples
+
+
+def list_plain_samples(folder: str | os.PathLike) -> list[DagmSample]:
+    """The samples of a plain ``images/`` + ``masks/`` folder, sorted by file name; a mask is
+    the file of ``masks/`` with its image's stem (any image suffix), none for a good image."""
+    folder = Path(folder)
+    images = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"{folder / 'images'}: no images (PNG, BMP, JPEG or TIFF)")
+    masks: dict[str, Path] = {}
+    if (folder / "masks").is_dir():
+        for mask in sorted((folder / "masks").iterdir()):
+            if mask.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if mask.stem in masks:
+                raise DataError(f"{mask}: a second mask for {mask.stem} (also {masks[mask.stem]})")
+            masks[mask.stem] = mask
+    stems = {image.stem for image in images}
+    orphans = sorted(set(masks) - stems)
+    if orphans:
+        raise DataError(f"{masks[orphans[0]]}: a mask without an image in {folder / 'images'}")
+    seen: dict[str, Path] = {}
+    for image in images:
+        if image.stem in seen:
+            raise DataError(f"{image}: two images share the stem {image.stem} ({seen[image.stem]})")
+        seen[image.stem] = image
+    return [DagmSample(image, masks.get(image.stem), 0, any_size=True) for image in images]
+
+
+def list_samples(folder: str | os.PathLike) -> list[DagmSample]:
+    """The samples of a DAGM class folder (``Label/Labels.txt``) or of a plain folder
+    (``images/`` and ``masks/``)."""
+    folder = Path(folder)
+    if (folder / "images").is_dir() and not (folder / LABELS_FILE).is_file():
+        return list_plain_samples(folder)
+    if folder.is_dir() and not (folder / LABELS_FILE).is_file():
+        raise DataError(
+            f"{folder}: neither a DAGM class folder (Label/Labels.txt) nor a plain one "
+            "(images/ and masks/)"
+        )
+    return list_dagm_samples(folder)
+
+
+def pad_axis_to_multiple(image: np.ndarray, axis: int) -> np.ndarray:
+    """Pad one axis of ``[H, W]`` at its end up to a multiple of 16: by reflection, or by
+    repeating the edge where the axis is too short to reflect."""
+    size = image.shape[axis]
+    pad = -size % SIZE_MULTIPLE
+    if not pad:
+        return image
+    widths = [(0, 0)] * image.ndim
+    widths[axis] = (0, pad)
+    return np.pad(image, widths, mode="reflect" if size > pad else "edge")
+
+
+def pad_to_multiple(image: np.ndarray) -> np.ndarray:
+    """Pad ``[H, W]`` at the bottom and right up to multiples of 16: by reflection, or by
+    repeating the edge along an axis too short to reflect."""
+    return pad_axis_to_multiple(pad_axis_to_multiple(image, axis=0), axis=1)
 
 
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
@@ -174,9 +243,11 @@ def check_image_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
 
 
 def read_sample(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
-    """``(image uint8 [H, W], mask bool [H, W])``; a defect-free sample has an all-false mask."""
+    """``(image uint8 [H, W], mask bool [H, W])``; a defect-free sample has an all-false mask.
+    H and W are multiples of 16 unless the sample is ``any_size`` (the caller pads)."""
     image = read_grayscale_png(sample.image_path)
-    check_image_size(sample.image_path, image.shape)
+    if not sample.any_size:
+        check_image_size(sample.image_path, image.shape)
     if sample.label_path is None:
         return image, np.zeros(image.shape, bool)
     label = read_grayscale_png(sample.label_path)
@@ -185,7 +256,8 @@ def read_sample(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
             f"{sample.label_path}: label size {label.shape[0]}x{label.shape[1]} differs from "
             f"its image {sample.image_path.name} ({image.shape[0]}x{image.shape[1]})"
         )
-    # The authors read labels as 1-bit images: any non-zero pixel is a defect.
+    # The authors read labels as 1-bit images: any non-zero pixel is a defect. (A plain
+    # layout's masks are read the same way: 0 / non-zero.)
     return image, label > 0
 
 
@@ -225,21 +297,20 @@ def iterate_batches(
     """Yield ``(samples, images uint8 [b, H, W], masks bool [b, H, W])``, b <= batch_size.
 
     ``workers`` threads decode up to ``workers`` batches ahead while the caller uses the current
-    one, so memory holds at most ``workers + 1`` batches.
-    All images of a batch must have the same size.
+    one, so memory holds at most ``workers + 1`` batches. A batch holds images of one size:
+    where the size changes, the batch is cut there.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     chunks = [samples[start : start + batch_size] for start in range(0, len(samples), batch_size)]
     decoded = threaded_map(_read_chunk, chunks, workers, ahead=workers)
     for chunk, pairs in zip(chunks, decoded, strict=True):
-        shapes = {image.shape for image, _ in pairs}
-        if len(shapes) > 1:
-            raise DataError(
-                f"images of different sizes in one batch ({sorted(shapes)}): "
-                f"{', '.join(str(s.image_path) for s in chunk)}; use --batch-size 1"
-            )
-        yield chunk, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        start = 0
+        for end in range(1, len(pairs) + 1):  # runs of one size
+            if end == len(pairs) or pairs[end][0].shape != pairs[start][0].shape:
+                run = pairs[start:end]
+                yield chunk[start:end], np.stack([p[0] for p in run]), np.stack([p[1] for p in run])
+                start = end
 
 
 def paper_split(
@@ -268,11 +339,37 @@ def paper_split(
     return splits
 
 
+def plain_split(
+    folder: str | os.PathLike, seed: int = 0, train_fraction: float = 0.8
+) -> dict[str, list[DagmSample]]:
+    """A plain folder's images, defective and defect-free alike, split ``train_fraction`` /
+    rest into train / validation by a fixed seed."""
+    samples = list_plain_samples(folder)
+    if len(samples) < 2:
+        raise DataError(f"{Path(folder) / 'images'}: training needs at least 2 images")
+    order = np.random.default_rng([seed, 0]).permutation(len(samples))
+    cut = min(max(round(train_fraction * len(samples)), 1), len(samples) - 1)
+    return {
+        "train": [samples[i] for i in order[:cut]],
+        "validation": [samples[i] for i in order[cut:]],
+    }
+
+
+def _read_padded(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
+    """`read_sample`, with an any-size image and its mask padded alike (reflection) to a
+    multiple of 16, so that a defect reflected into the padding is labeled a defect."""
+    image, mask = read_sample(sample)
+    if sample.any_size:
+        return pad_to_multiple(image), pad_to_multiple(mask)
+    return image, mask
+
+
 def load_samples(
     samples: list[DagmSample], workers: int = DECODE_THREADS, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All images and masks of ``samples`` in memory: uint8 [N, H, W] and bool [N, H, W]."""
-    decoded = threaded_map(read_sample, samples, workers, ahead=4 * workers)
+    """All images and masks of ``samples`` in memory: uint8 [N, H, W] and bool [N, H, W]
+    (any-size samples padded to a multiple of 16, see `_read_padded`)."""
+    decoded = threaded_map(_read_padded, samples, workers, ahead=4 * workers)
     pairs = list(tqdm(decoded, total=len(samples), desc="decode", unit="img", disable=not progress))
     shapes = {image.shape for image, _ in pairs}
     if len(shapes) != 1:

@@ -20,7 +20,7 @@ from cheapnet_jax.checkpoints import (
 )
 from cheapnet_jax.detection import Detections, make_detector
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
-from cheapnet_jax.model import CheapNet
+from cheapnet_jax.model import CheapNet, is_valid_size
 
 # Activation budget used to pick a batch size: one [B, H, W, G] float32 map of about 256 MiB.
 _ACTIVATION_BUDGET_BYTES = 256 * 2**20
@@ -148,14 +148,16 @@ def evaluate_folder(
     dtype: str = "float32",
     calibration: CalibrationData | None = None,
 ) -> dict:
-    """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder.
+    """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder or
+    a plain ``images/`` + ``masks/`` one (`data.list_samples`; images of any size are padded to
+    a multiple of 16 and their probabilities cropped back, as `predict.py` does).
 
     Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
     The images go to the device as uint8 and are normalised there; the network runs in
     ``dtype`` (`detection.INFERENCE_DTYPES`). With ``calibration``, each image's probabilities
     are also measured for threshold calibration (`cheapnet_jax.calibration`).
     """
-    samples = data.list_dagm_samples(folder)
+    samples = data.list_samples(folder)
     if batch_size is None:
         batch_size = default_batch_size(model.features)
     detector = make_detector(
@@ -176,7 +178,12 @@ def evaluate_folder(
         ):
             n = len(chunk)
             padded = compiled_batch_size(n, batch_size)
-            found = _first(detector(variables, jnp.asarray(pad_batch(images, padded))), n)
+            crop = None
+            if not is_valid_size(*images.shape[1:]):  # the plain layout's any-size images
+                crop = images.shape[1:]
+                images = np.stack([data.pad_to_multiple(image) for image in images])
+            x = jnp.asarray(pad_batch(images, padded))
+            found = _first(detector(variables, x, crop=crop), n)
             tally.add(found, _first(truth_of(pad_batch(masks, padded)), n), masks)
             if calibration is not None:
                 calibration.add(found.probabilities, masks)

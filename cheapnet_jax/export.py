@@ -178,7 +178,7 @@ class PipelineSettings:
 
 
 def pad_on_device(pixels: jax.Array) -> jax.Array:
-    """`prediction.pad_to_multiple` inside a program: ``[B, H, W]`` padded at the bottom and
+    """`data.pad_to_multiple` inside a program: ``[B, H, W]`` padded at the bottom and
     right to multiples of 16, each axis by reflection or, too short to reflect, its edge."""
     for axis in (1, 2):
         size = pixels.shape[axis]

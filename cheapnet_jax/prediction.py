@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from cheapnet_jax import data
 from cheapnet_jax.checkpoints import LoadedModel, Normalization
+from cheapnet_jax.data import pad_to_multiple
 from cheapnet_jax.detection import make_detector
 from cheapnet_jax.evaluation import compiled_batch_size, pad_batch
 from cheapnet_jax.files import exclusive_lock, write_atomic
@@ -42,10 +43,8 @@ from cheapnet_jax.tiling import (
     TiledDetections,
     detect_tiled,
     make_tile_detector,
-    pad_axis_to_multiple,
 )
 
-IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
 RECORDS_FILE = "defects.jsonl"
 
 
@@ -72,26 +71,20 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
         elif path.is_file():
             found.append(path)
         else:
             matches = sorted(Path(p) for p in glob.glob(item))
             if not matches:
                 raise FileNotFoundError(errno.ENOENT, "no such file, folder or matching glob", item)
-            found += [p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES]
+            found += [p for p in matches if p.suffix.lower() in data.IMAGE_SUFFIXES]
     return list(dict.fromkeys(found))
 
 
 def read_image(path: Path) -> tuple[np.ndarray, str | None]:
     """uint8 grayscale ``[H, W]`` and a warning (colour converted); DataError when unusable."""
     return data.load_image(path, convert_to_grayscale=True)
-
-
-def pad_to_multiple(image: np.ndarray) -> np.ndarray:
-    """Pad ``[H, W]`` at the bottom and right up to multiples of 16: by reflection, or by
-    repeating the edge along an axis too short to reflect."""
-    return pad_axis_to_multiple(pad_axis_to_multiple(image, axis=0), axis=1)
 
 
 def image_record(path: Path, found, index: int, warning: str | None) -> dict:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cheapnet_jax.data import pad_axis_to_multiple
 from cheapnet_jax.detection import INFERENCE_DTYPES, component_sums, network_probabilities
 from cheapnet_jax.labeling import Method, component_segments, label_and_measure
 from cheapnet_jax.model import SIZE_MULTIPLE, CheapNet, receptive_field_radius
@@ -48,18 +49,6 @@ def check_tile(tile: int) -> int:
     if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
         raise ValueError(f"tile must be a positive multiple of {SIZE_MULTIPLE}, got {tile}")
     return tile
-
-
-def pad_axis_to_multiple(image: np.ndarray, axis: int) -> np.ndarray:
-    """Pad one axis of ``[H, W]`` at its end up to a multiple of 16: by reflection, or by
-    repeating the edge where the axis is too short to reflect."""
-    size = image.shape[axis]
-    pad = -size % SIZE_MULTIPLE
-    if not pad:
-        return image
-    widths = [(0, 0)] * image.ndim
-    widths[axis] = (0, pad)
-    return np.pad(image, widths, mode="reflect" if size > pad else "edge")
 
 
 def crop_start(core_start: int, size: int, crop: int, margin: int) -> int:

@@ -120,7 +120,8 @@ class Dataset:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The synthetic default or the paper's split of a DAGM 2007 root folder."""
+    """The synthetic default, the paper's split of a DAGM 2007 root folder, or a plain
+    ``images/`` + ``masks/`` folder split 8:2 (`data.plain_split`)."""
     if config.data == "synthetic":
         train = synthetic.make_split(
             "train", config.synthetic_train, config.image_size, config.seed
@@ -130,10 +131,15 @@ def load_dataset(config: TrainConfig) -> Dataset:
         )
         description = f"synthetic {config.image_size}x{config.image_size}"
     else:
-        splits = data.paper_split(config.data, list(config.classes), seed=config.seed)
+        plain = (Path(config.data) / "images").is_dir()
+        if plain:  # the user's images/ + masks/: every image, good ones too
+            splits = data.plain_split(config.data, seed=config.seed)
+            description = f"{config.data} (images/, masks/)"
+        else:
+            splits = data.paper_split(config.data, list(config.classes), seed=config.seed)
+            description = f"DAGM {config.data} classes {list(config.classes)}"
         train = data.load_samples(splits["train"], progress=config.progress)
         validation = data.load_samples(splits["validation"], progress=config.progress)
-        description = f"DAGM {config.data} classes {list(config.classes)}"
     mean, std = data.normalization_statistics(train[0])
     return Dataset(*train, *validation, mean=mean, std=std, description=description)
 

@@ -13,9 +13,15 @@ from conftest import checkpoint_path, run_tool
 from PIL import Image
 from scipy import ndimage
 
-from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD, list_dagm_samples, normalize, read_sample
+from cheapnet_jax.data import (
+    CLASS6_MEAN,
+    CLASS6_STD,
+    list_dagm_samples,
+    normalize,
+    pad_to_multiple,
+    read_sample,
+)
 from cheapnet_jax.export import load_stablehlo, load_stablehlo_pipeline
-from cheapnet_jax.prediction import pad_to_multiple
 from cheapnet_jax.synthetic import make_split
 
 torch = pytest.importorskip("torch")

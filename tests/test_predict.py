@@ -17,8 +17,7 @@ from scipy import ndimage
 
 from cheapnet_jax import load_torch_checkpoint
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
-from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD, normalize
-from cheapnet_jax.prediction import pad_to_multiple
+from cheapnet_jax.data import CLASS6_MEAN, CLASS6_STD, normalize, pad_to_multiple
 from cheapnet_jax.synthetic import write_dagm_folder
 from cheapnet_jax.training import train_and_evaluate
 

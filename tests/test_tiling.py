@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from cheapnet_jax.data import pad_to_multiple
 from cheapnet_jax.detection import make_detector, network_probabilities
 from cheapnet_jax.model import CheapNet, init_variables, receptive_field_radius
-from cheapnet_jax.prediction import pad_to_multiple
 from cheapnet_jax.tiling import (
     StripDetector,
     check_tile,

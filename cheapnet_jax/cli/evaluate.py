@@ -205,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--checkpoint", help="an authors' .pkl or a training workdir (none: untrained model)")
-    add("--data", dest="data_source", help="a DAGM class folder (Label/Labels.txt) or 'synthetic'")
+    add(
+        "--data",
+        dest="data_source",
+        help="a DAGM class folder (Label/Labels.txt), a plain images/ + masks/ folder, or "
+        "'synthetic'",
+    )
     add("--json", dest="json_path", help="also write the figures to this JSON file")
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--variant", choices=sorted(VARIANTS), help="S, M or L")
