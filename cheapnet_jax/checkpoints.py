@@ -56,6 +56,7 @@ class LoadedModel:
     source: str
     normalization: Normalization | None = None
     image_size: int | None = None
+    training: dict | None = None  # a workdir's TrainConfig, as written in its config.json
 
 
 def placed(abstract_tree, sharding: jax.sharding.Sharding, dtype=None):
@@ -302,7 +303,7 @@ def load_checkpoint(path: str | os.PathLike, impl: Impl = "auto") -> LoadedModel
         source = f"{path} (epoch {int(meta['epoch']) + 1}, step {meta['step']})"
         synthetic = meta["config"]["data"] == "synthetic"
         image_size = meta["config"].get("image_size") if synthetic else None
-        loaded = LoadedModel(model, variables, source, normalization, image_size)
+        loaded = LoadedModel(model, variables, source, normalization, image_size, meta["config"])
     else:
         model, variables = load_torch_checkpoint(path, impl=impl)
         loaded = LoadedModel(model, variables, str(path))

@@ -339,6 +339,25 @@ def paper_split(
     return splits
 
 
+def dagm_split(
+    root: str | os.PathLike, classes: list[int], seed: int = 0, train_fraction: float = 0.8
+) -> dict[str, list[DagmSample]]:
+    """DAGM's own protocol: each class's ``Train`` folder, defect-free images included, split
+    ``train_fraction`` / rest into train / validation (for validation and calibration) by a
+    fixed seed, per class; ``Test`` is left for evaluation."""
+    splits: dict[str, list[DagmSample]] = {"train": [], "validation": []}
+    for class_id in classes:
+        folder = Path(root) / f"Class{class_id}" / "Train"
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing: the dagm protocol trains on DAGM's Train folders")
+        samples = sorted(list_dagm_samples(folder), key=lambda sample: str(sample.image_path))
+        order = np.random.default_rng([seed, class_id]).permutation(len(samples))
+        cut = min(max(round(train_fraction * len(samples)), 1), len(samples) - 1)
+        splits["train"] += [samples[i] for i in order[:cut]]
+        splits["validation"] += [samples[i] for i in order[cut:]]
+    return splits
+
+
 def plain_split(
     folder: str | os.PathLike, seed: int = 0, train_fraction: float = 0.8
 ) -> dict[str, list[DagmSample]]:
@@ -353,6 +372,22 @@ def plain_split(
         "train": [samples[i] for i in order[:cut]],
         "validation": [samples[i] for i in order[cut:]],
     }
+
+
+def training_splits(
+    source: str | os.PathLike, classes: list[int], protocol: str, seed: int
+) -> tuple[dict[str, list[DagmSample]], str]:
+    """A training run's train and validation samples from a folder, and their description: a
+    plain ``images/`` + ``masks/`` folder (`plain_split`), else a DAGM root by ``protocol``
+    (`paper_split` or `dagm_split`)."""
+    if (Path(source) / "images").is_dir():
+        return plain_split(source, seed=seed), f"{source} (images/, masks/)"
+    if protocol == "dagm":
+        splits = dagm_split(source, classes, seed=seed)
+        return splits, f"DAGM {source} classes {classes}, Train folders (dagm protocol)"
+    if protocol != "paper":
+        raise ValueError(f"protocol must be 'paper' or 'dagm', got {protocol!r}")
+    return paper_split(source, classes, seed=seed), f"DAGM {source} classes {classes} (paper)"
 
 
 def _read_padded(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:

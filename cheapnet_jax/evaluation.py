@@ -138,7 +138,7 @@ class Tally:
 def evaluate_folder(
     model: CheapNet,
     variables: Mapping,
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | list[data.DagmSample],
     *,
     normalization: Normalization = AUTHORS_NORMALIZATION,
     threshold: float = 0.5,
@@ -150,14 +150,15 @@ def evaluate_folder(
 ) -> dict:
     """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder or
     a plain ``images/`` + ``masks/`` one (`data.list_samples`; images of any size are padded to
-    a multiple of 16 and their probabilities cropped back, as `predict.py` does).
+    a multiple of 16 and their probabilities cropped back, as `predict.py` does), or of a list
+    of samples.
 
     Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
     The images go to the device as uint8 and are normalised there; the network runs in
     ``dtype`` (`detection.INFERENCE_DTYPES`). With ``calibration``, each image's probabilities
     are also measured for threshold calibration (`cheapnet_jax.calibration`).
     """
-    samples = data.list_samples(folder)
+    samples = folder if isinstance(folder, list) else data.list_samples(folder)
     if batch_size is None:
         batch_size = default_batch_size(model.features)
     detector = make_detector(

@@ -198,27 +198,32 @@ def write_dagm_folder(
     """
     folder = Path(folder)
     (folder / "Label").mkdir(parents=True, exist_ok=True)
-    images, masks = make_split(split, count, size, seed)
+    images, masks = make_split(split, count, size, seed, defect_free)
     rows = [str(class_id)]
     for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         name = f"{index + 1:04d}"
         Image.fromarray(image).save(folder / f"{name}.PNG")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "Label" / f"{name}_label.PNG")
-        rows.append(f"{index + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
-    # a stream no split's defective images use, one per split
-    rng = np.random.default_rng([seed, len(SPLIT_SEEDS) + sorted(SPLIT_SEEDS).index(split)])
-    for index in range(count, count + defect_free):
-        image, _ = make_sample(rng, size, defective=False, family=index % len(FAMILIES))
-        Image.fromarray(image).save(folder / f"{index + 1:04d}.PNG")
-        rows.append(f"{index + 1}\t0\t{index + 1:04d}.PNG\t0\t0")
+        if index < count:
+            label = folder / "Label" / f"{name}_label.PNG"
+            Image.fromarray(mask.astype(np.uint8) * 255).save(label)
+            rows.append(f"{index + 1}\t1\t{name}.PNG\t0\t{name}_label.PNG")
+        else:
+            rows.append(f"{index + 1}\t0\t{name}.PNG\t0\t0")
     (folder / LABELS_FILE).write_text("\n".join(rows) + "\n")
     return folder
 
 
+def protocol_defect_free(count: int, protocol: str) -> int:
+    """Good images a synthetic training split of ``count`` defective ones gains: half as many
+    under the dagm protocol (DAGM's folders hold good images), none under the paper's."""
+    return count // 2 if protocol == "dagm" else 0
+
+
 def make_split(
-    split: str, count: int, size: int = 512, seed: int = 0
+    split: str, count: int, size: int = 512, seed: int = 0, defect_free: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(images uint8 [count, size, size], masks bool [count, size, size])`` of one split.
+    """``(images uint8 [N, size, size], masks bool [N, size, size])`` of one split: ``count``
+    defective images, then ``defect_free`` good ones (N = count + defect_free).
 
     Splits draw from disjoint seeds, so train, validation and test never share an image.
     Families take turns (image i has family i mod 10), so every split of ten or more images
@@ -228,6 +233,12 @@ def make_split(
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     rng = np.random.default_rng([seed, SPLIT_SEEDS[split]])
     pairs = [make_sample(rng, size, defective=True, family=i % len(FAMILIES)) for i in range(count)]
+    # the good images: a stream no split's defective images use, one per split
+    rng = np.random.default_rng([seed, len(SPLIT_SEEDS) + sorted(SPLIT_SEEDS).index(split)])
+    pairs += [
+        make_sample(rng, size, defective=False, family=i % len(FAMILIES))
+        for i in range(count, count + defect_free)
+    ]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 

@@ -55,6 +55,9 @@ class TrainConfig:
     devices: int = 1
     data: str = "synthetic"
     classes: tuple[int, ...] = (6,)
+    # "paper": defective images only, 8:2 (the paper's figures); "dagm": DAGM's Train folder,
+    # good images included, 8:2 into train and validation (Test left for evaluation)
+    protocol: str = "paper"
     epochs: int = 120
     batch_size: int = 8
     lr: float = 0.01
@@ -79,6 +82,7 @@ RESUME_SETTINGS = (
     "features",
     "data",
     "classes",
+    "protocol",
     "batch_size",
     "lr",
     "milestones",
@@ -120,28 +124,37 @@ class Dataset:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The synthetic default, the paper's split of a DAGM 2007 root folder, or a plain
+    """The synthetic default, a DAGM 2007 root folder split by ``config.protocol``, or a plain
     ``images/`` + ``masks/`` folder split 8:2 (`data.plain_split`)."""
     if config.data == "synthetic":
-        train = synthetic.make_split(
-            "train", config.synthetic_train, config.image_size, config.seed
-        )
-        validation = synthetic.make_split(
-            "validation", config.synthetic_validation, config.image_size, config.seed
-        )
+        train, validation = synthetic_splits(config)
         description = f"synthetic {config.image_size}x{config.image_size}"
     else:
-        plain = (Path(config.data) / "images").is_dir()
-        if plain:  # the user's images/ + masks/: every image, good ones too
-            splits = data.plain_split(config.data, seed=config.seed)
-            description = f"{config.data} (images/, masks/)"
-        else:
-            splits = data.paper_split(config.data, list(config.classes), seed=config.seed)
-            description = f"DAGM {config.data} classes {list(config.classes)}"
+        splits, description = data.training_splits(
+            config.data, list(config.classes), config.protocol, config.seed
+        )
         train = data.load_samples(splits["train"], progress=config.progress)
         validation = data.load_samples(splits["validation"], progress=config.progress)
     mean, std = data.normalization_statistics(train[0])
     return Dataset(*train, *validation, mean=mean, std=std, description=description)
+
+
+def synthetic_splits(config: TrainConfig) -> tuple[tuple, tuple]:
+    """``(train, validation)`` synthetic ``(images, masks)`` (good images: see
+    `synthetic.protocol_defect_free`)."""
+    return tuple(
+        synthetic.make_split(
+            split,
+            count,
+            config.image_size,
+            config.seed,
+            synthetic.protocol_defect_free(count, config.protocol),
+        )
+        for split, count in (
+            ("train", config.synthetic_train),
+            ("validation", config.synthetic_validation),
+        )
+    )
 
 
 def learning_rate_at(config: TrainConfig, epoch):
@@ -297,6 +310,8 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.image_size < 16 or config.image_size % 16:
         raise SettingsError(f"--image-size must be a multiple of 16, got {config.image_size}")
+    if config.protocol not in ("paper", "dagm"):
+        raise SettingsError(f"--protocol must be paper or dagm, got {config.protocol!r}")
     if config.loss not in LOSSES:
         raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if config.dtype not in DTYPES:

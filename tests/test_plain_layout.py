@@ -10,9 +10,12 @@ import pytest
 from conftest import run_tool
 from PIL import Image
 
+from cheapnet_jax import data
+from cheapnet_jax.checkpoints import LoadedModel
+from cheapnet_jax.cli.evaluate import run_validation
 from cheapnet_jax.data import list_plain_samples, list_samples, normalize, pad_to_multiple
 from cheapnet_jax.errors import DataError
-from cheapnet_jax.synthetic import make_sample
+from cheapnet_jax.synthetic import make_sample, make_split, write_dagm_folder
 
 torch = pytest.importorskip("torch")
 from torch_reference import probabilities_nhwc, random_reference, save_reference  # noqa: E402
@@ -102,10 +105,50 @@ def test_train_then_calibrate_on_a_plain_folder(tmp_path):
     assert trained.returncode == 0, trained.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == str(tmp_path / "data")
+    # calibrate on the images the run held out (8:2 of 10: 2 images), whatever their kind
+    held_out = data.plain_split(tmp_path / "data", seed=0)["validation"]
+    good = sum(sample.label_path is None for sample in held_out)
     calibrated = run_tool(
-        "evaluate.py", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+        "evaluate.py", "--checkpoint", str(tmp_path / "run"), "--data", "validation",
         "--calibrate", "--no-progress",
     )  # fmt: skip
+    assert (len(held_out), good) == (2, 1)  # seed 0 holds out one image of each kind
     assert calibrated.returncode == 0, calibrated.stderr
     stored = json.loads((tmp_path / "run" / "calibration.json").read_text())
-    assert stored["images"] == {"defective": 6, "good": 4}
+    assert stored["images"] == {"defective": 1, "good": 1}
+    assert stored["data"] == "validation"
+
+
+def test_dagm_protocol_splits_the_train_folders_with_their_good_images(tmp_path):
+    for class_id in (3, 6):
+        for seed, part in enumerate(("Train", "Test")):
+            write_dagm_folder(
+                tmp_path / f"Class{class_id}" / part, count=6, size=32, seed=seed,
+                class_id=class_id, defect_free=4,
+            )  # fmt: skip
+    splits = data.dagm_split(tmp_path, [3, 6], seed=1)
+    every = [s.image_path for s in splits["train"] + splits["validation"]]
+    expected = sorted(tmp_path.glob("Class*/Train/*.PNG"))
+    assert sorted(every) == expected  # every Train image once, good ones included, no Test
+    assert len(splits["validation"]) == 4  # 2 of each class's 10
+    assert any(s.label_path is None for s in splits["train"])
+    assert splits == data.dagm_split(tmp_path, [3, 6], seed=1)
+    assert splits != data.dagm_split(tmp_path, [3, 6], seed=2)
+    with pytest.raises(DataError, match=r"Class4/Train: missing"):
+        data.dagm_split(tmp_path, [4])
+
+
+def test_the_validation_split_of_a_synthetic_dagm_run(tmp_path):
+    """--data validation re-derives what the run held out: its synthetic validation images,
+    good ones included under the dagm protocol."""
+    config = {
+        "data": "synthetic", "synthetic_validation": 6, "image_size": 32, "seed": 4,
+        "protocol": "dagm",
+    }  # fmt: skip
+    loaded = LoadedModel(None, {}, "run", training=config)
+    folder = run_validation(loaded, tmp_path)
+    samples = data.list_dagm_samples(folder)
+    images, masks = make_split("validation", 6, 32, seed=4, defect_free=3)
+    np.testing.assert_array_equal(np.stack([data.read_sample(s)[0] for s in samples]), images)
+    assert [s.label_path is None for s in samples] == [not m.any() for m in masks]
+    assert sum(s.label_path is None for s in samples) == 3

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from cheapnet_jax import cli
+from cheapnet_jax import cli, data
 from cheapnet_jax.calibration import CalibrationData, calibrate, write_calibration
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
@@ -36,7 +36,7 @@ from cheapnet_jax.evaluation import EvaluationStopped, evaluate_folder
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
 from cheapnet_jax.model import VARIANTS, CheapNet, init_variables
-from cheapnet_jax.synthetic import write_dagm_folder
+from cheapnet_jax.synthetic import protocol_defect_free, write_dagm_folder
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,9 @@ def run_evaluation(request: EvaluationRequest) -> int:
     normalization = resolve_normalization(request.normalization, loaded)
     with tempfile.TemporaryDirectory() as scratch:
         folder = request.data_source
-        if folder == "synthetic":
+        if folder == "validation":
+            folder = run_validation(loaded, Path(scratch))
+        elif folder == "synthetic":
             size = request.image_size or loaded.image_size or 256
             folder = write_dagm_folder(
                 Path(scratch) / "synthetic",
@@ -183,6 +185,32 @@ def run_evaluation(request: EvaluationRequest) -> int:
     return 0
 
 
+def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list:
+    """``--data validation``: the validation split the checkpoint's training run held out
+    (re-derived from its config: data, classes, protocol, seed); synthetic data is written to
+    ``scratch`` as a DAGM folder."""
+    config = loaded.training
+    if config is None:
+        raise SettingsError(
+            "--data validation needs a training workdir as --checkpoint (its config.json says "
+            "which images the run held out)"
+        )
+    if config["data"] == "synthetic":
+        count = config["synthetic_validation"]
+        return write_dagm_folder(
+            scratch / "validation",
+            count=count,
+            size=config["image_size"],
+            seed=config["seed"],
+            defect_free=protocol_defect_free(count, config.get("protocol", "paper")),
+            split="validation",
+        )
+    splits, _ = data.training_splits(
+        config["data"], list(config["classes"]), config.get("protocol", "paper"), config["seed"]
+    )
+    return splits["validation"]
+
+
 def store_calibration(request: EvaluationRequest, data: CalibrationData, source: str) -> None:
     """Choose the threshold and minimum area, store them with the checkpoint, say so."""
     chosen = calibrate(data, request.target_fpr, request.target_tpr)
@@ -208,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--data",
         dest="data_source",
-        help="a DAGM class folder (Label/Labels.txt), a plain images/ + masks/ folder, or "
-        "'synthetic'",
+        help="a DAGM class folder (Label/Labels.txt), a plain images/ + masks/ folder, "
+        "'synthetic', or 'validation' (the split the checkpoint's training run held out)",
     )
     add("--json", dest="json_path", help="also write the figures to this JSON file")
     width = parser.add_mutually_exclusive_group()

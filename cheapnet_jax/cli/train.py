@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--devices", type=cli.count, help="data-parallel devices (this process's)")
     add("--data", help="DAGM 2007 root folder, a plain images/ + masks/ folder, or 'synthetic'")
     add("--classes", type=dagm_classes, help="DAGM classes: '6', '1,2,3' or 'all'")
+    add(
+        "--protocol",
+        choices=["paper", "dagm"],
+        help="paper: defective images only, 8:2; dagm: DAGM's Train folders with their good "
+        "images, 8:2 into train and validation (synthetic data gains good images too)",
+    )
     add("--epochs", type=cli.count, help="training epochs")
     add("--batch-size", type=cli.count, help="global batch size")
     add("--lr", type=cli.positive, help="Adam learning rate")
