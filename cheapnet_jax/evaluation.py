@@ -73,7 +73,9 @@ class Tally:
     Image level (`metrics.image_level_metrics`), reported when the data holds defect-free
     images: an image's verdict is NG when it has a predicted defect, as in `predict.py`; its
     score is its maximum pixel probability (the choice of NVIDIA's DAGM UNet-Industrial), so
-    that at the threshold in use, NG is exactly score > threshold.
+    that at the threshold in use, NG is exactly score > threshold. With images of several DAGM
+    classes, the same figures per class too (``image_level_per_class``), like the published
+    per-class DAGM tables.
     """
 
     counts: metrics.ConfusionCounts = field(
@@ -87,9 +89,17 @@ class Tally:
     image_scores: list = field(default_factory=list)
     image_defective: list = field(default_factory=list)
     image_rejected: list = field(default_factory=list)
+    image_classes: list = field(default_factory=list)
 
-    def add(self, found: Detections, truth: ComponentStats, masks: np.ndarray) -> None:
-        """Add a batch (numpy arrays, padding removed): detections, label components, labels."""
+    def add(
+        self,
+        found: Detections,
+        truth: ComponentStats,
+        masks: np.ndarray,
+        classes: list[int] | None = None,
+    ) -> None:
+        """Add a batch (numpy arrays, padding removed): detections, label components, labels,
+        and the images' DAGM classes (for the per-class image-level table)."""
         self.counts = self.counts + metrics.counts_from_array(
             metrics.confusion_counts(found.masks, masks)
         )
@@ -106,6 +116,7 @@ class Tally:
             self.image_scores.append(float(found.probabilities[i].max()))
             self.image_defective.append(bool(mask.any()))
             self.image_rejected.append(bool(found.valid[i].any()))
+            self.image_classes.append(classes[i] if classes is not None else 0)
 
     def figures(self) -> dict:
         """Segmentation metrics, both mAPs and the number of predicted components."""
@@ -122,6 +133,17 @@ class Tally:
             image_level["image_level"] = metrics.image_level_metrics(
                 np.array(self.image_scores), self.image_defective, self.image_rejected
             )
+            classes = np.array(self.image_classes)
+            if len(set(self.image_classes)) > 1:
+                scores = np.array(self.image_scores)
+                defective = np.array(self.image_defective)
+                rejected = np.array(self.image_rejected)
+                image_level["image_level_per_class"] = {
+                    str(c): metrics.image_level_metrics(
+                        scores[classes == c], defective[classes == c], rejected[classes == c]
+                    )
+                    for c in sorted(set(self.image_classes))
+                }
         return {
             **image_level,
             **metrics.segmentation_metrics(self.counts),
@@ -185,7 +207,8 @@ def evaluate_folder(
                 images = np.stack([data.pad_to_multiple(image) for image in images])
             x = jnp.asarray(pad_batch(images, padded))
             found = _first(detector(variables, x, crop=crop), n)
-            tally.add(found, _first(truth_of(pad_batch(masks, padded)), n), masks)
+            truth = _first(truth_of(pad_batch(masks, padded)), n)
+            tally.add(found, truth, masks, [sample.class_id for sample in chunk])
             if calibration is not None:
                 calibration.add(found.probabilities, masks)
             evaluated, image_size = evaluated + n, list(images.shape[1:3])

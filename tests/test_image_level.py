@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from conftest import run_tool
 
+from cheapnet_jax import load_torch_checkpoint
+from cheapnet_jax.checkpoints import Normalization
+from cheapnet_jax.cli.evaluate import format_table
 from cheapnet_jax.data import list_dagm_samples, normalize, read_sample
+from cheapnet_jax.evaluation import evaluate_folder
 from cheapnet_jax.metrics import average_precision, image_level_metrics, roc_auc
 from cheapnet_jax.synthetic import write_dagm_folder
 
@@ -72,3 +76,32 @@ def test_evaluate_reports_image_level_figures_with_good_images(tmp_path):
     tn, fp, fn, tp = sklearn_metrics.confusion_matrix(defective, rejected).ravel()
     assert figures["verdicts"] == {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
     assert figures["false_alarm_rate"] == fp / (fp + tn)
+
+
+def test_per_class_figures_when_several_classes_are_evaluated(tmp_path):
+    """Two DAGM classes evaluated together (the API takes any list of samples): each class's
+    figures are scikit-learn's on that class's images alone; the table prints a row each."""
+    reference = random_reference(4, seed=5)
+    save_reference(reference, tmp_path / "model.pkl")
+    model, variables = load_torch_checkpoint(tmp_path / "model.pkl")
+    samples = []
+    for class_id, seed in ((3, 1), (6, 2)):
+        folder = write_dagm_folder(
+            tmp_path / f"Class{class_id}", count=3, size=32, seed=seed, class_id=class_id,
+            defect_free=3,
+        )  # fmt: skip
+        samples += list_dagm_samples(folder)
+    figures = evaluate_folder(
+        model, variables, samples, normalization=Normalization(0.4, 0.3), progress=False
+    )
+    images = np.stack([read_sample(s)[0] for s in samples])
+    scores = probabilities_nhwc(reference, normalize(images, 0.4, 0.3)).max(axis=(1, 2))
+    defective = np.array([s.label_path is not None for s in samples])
+    for class_id, rows in (("3", slice(0, 6)), ("6", slice(6, 12))):
+        per_class = figures["image_level_per_class"][class_id]
+        assert per_class["images"] == 6
+        assert per_class["auroc"] == pytest.approx(
+            sklearn_metrics.roc_auc_score(defective[rows], scores[rows])
+        )
+    table = format_table({**figures, "params": 0, "gflops": 0, "gflops_paper": 0})
+    assert "class  defective  good  TPR" in table and "\n6      3          3" in table

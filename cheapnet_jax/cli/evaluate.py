@@ -90,7 +90,26 @@ def format_table(figures: Mapping[str, object]) -> str:
     if "image_level" in figures:
         rows += _image_level_rows(figures["image_level"])
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    if "image_level_per_class" in figures:
+        table += "\n\n" + _per_class_table(figures["image_level_per_class"])
+    return table
+
+
+def _per_class_table(per_class: Mapping[str, Mapping]) -> str:
+    """Image-level figures per DAGM class, one row each (as the published DAGM tables)."""
+
+    def figure(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = ["class  defective  good  TPR     FPR     AUROC   AP"]
+    for class_id, f in per_class.items():
+        rates = [figure(f[k]) for k in ("detection_rate", "false_alarm_rate", "auroc", "ap")]
+        lines.append(
+            f"{class_id:<5}  {f['defective_images']:<9}  {f['good_images']:<4}  "
+            + "  ".join(f"{r:<6}" for r in rates).rstrip()
+        )
+    return "\n".join(lines)
 
 
 def _image_level_rows(image_level: Mapping) -> list[tuple[str, str]]:
