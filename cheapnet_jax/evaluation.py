@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cheapnet_jax import data, metrics
+from cheapnet_jax import data, metrics, tfds_data
 from cheapnet_jax.calibration import CalibrationData
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
@@ -160,7 +160,7 @@ class Tally:
 def evaluate_folder(
     model: CheapNet,
     variables: Mapping,
-    folder: str | os.PathLike | list[data.DagmSample],
+    folder: str | os.PathLike | list[data.DagmSample] | tfds_data.RecordSplit,
     *,
     normalization: Normalization = AUTHORS_NORMALIZATION,
     threshold: float = 0.5,
@@ -172,15 +172,18 @@ def evaluate_folder(
 ) -> dict:
     """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder or
     a plain ``images/`` + ``masks/`` one (`data.list_samples`; images of any size are padded to
-    a multiple of 16 and their probabilities cropped back, as `predict.py` does), or of a list
-    of samples.
+    a multiple of 16 and their probabilities cropped back, as `predict.py` does), of a list
+    of samples, or of a TFDS split (`tfds_data.RecordSplit`).
 
     Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
     The images go to the device as uint8 and are normalised there; the network runs in
     ``dtype`` (`detection.INFERENCE_DTYPES`). With ``calibration``, each image's probabilities
     are also measured for threshold calibration (`cheapnet_jax.calibration`).
     """
-    samples = folder if isinstance(folder, list) else data.list_samples(folder)
+    if isinstance(folder, tfds_data.RecordSplit):
+        samples = folder
+    else:
+        samples = folder if isinstance(folder, list) else data.list_samples(folder)
     if batch_size is None:
         batch_size = default_batch_size(model.features)
     detector = make_detector(
@@ -192,7 +195,10 @@ def evaluate_folder(
     )
     truth_of = jax.jit(lambda masks: ground_truth_components(masks, max_components))
     tally = Tally()
-    batches = data.iterate_batches(samples, batch_size)
+    if isinstance(samples, tfds_data.RecordSplit):
+        batches = samples.batches(batch_size)
+    else:
+        batches = data.iterate_batches(samples, batch_size)
     total_batches = -(-len(samples) // batch_size)
     evaluated, image_size = 0, None
     try:

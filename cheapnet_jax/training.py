@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cheapnet_jax import data, metrics, synthetic
+from cheapnet_jax import data, metrics, synthetic, tfds_data
 from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from cheapnet_jax.errors import SettingsError, TrainingDivergedError
 from cheapnet_jax.files import exclusive_lock, write_atomic
@@ -124,8 +124,17 @@ class Dataset:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The synthetic default, a DAGM 2007 root folder split by ``config.protocol``, or a plain
-    ``images/`` + ``masks/`` folder split 8:2 (`data.plain_split`)."""
+    """The synthetic default, a DAGM 2007 root folder split by ``config.protocol``, a plain
+    ``images/`` + ``masks/`` folder split 8:2 (`data.plain_split`), or a prepared TFDS dataset
+    (``tfds:dagm2007/class6``, `cheapnet_jax.tfds_data`)."""
+    if tfds_data.is_tfds(config.data):
+        # read on demand: each process reads only its share of each batch
+        train, validation = tfds_data.training_splits(config.data, config.protocol, config.seed)
+        mean, std = tfds_data.normalization_statistics(train)
+        description = f"{config.data} ({config.protocol} protocol)"
+        return Dataset(
+            train.images, train.masks, validation.images, validation.masks, mean, std, description
+        )
     if config.data == "synthetic":
         train, validation = synthetic_splits(config)
         description = f"synthetic {config.image_size}x{config.image_size}"

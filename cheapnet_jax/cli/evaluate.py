@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from cheapnet_jax import cli, data
+from cheapnet_jax import cli, data, tfds_data
 from cheapnet_jax.calibration import CalibrationData, calibrate, write_calibration
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
@@ -148,6 +148,8 @@ def run_evaluation(request: EvaluationRequest) -> int:
         folder = request.data_source
         if folder == "validation":
             folder = run_validation(loaded, Path(scratch))
+        elif tfds_data.is_tfds(folder):
+            folder = tfds_data.evaluation_split(folder)
         elif folder == "synthetic":
             size = request.image_size or loaded.image_size or 256
             folder = write_dagm_folder(
@@ -204,7 +206,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
     return 0
 
 
-def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list:
+def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list | tfds_data.RecordSplit:
     """``--data validation``: the validation split the checkpoint's training run held out
     (re-derived from its config: data, classes, protocol, seed); synthetic data is written to
     ``scratch`` as a DAGM folder."""
@@ -214,6 +216,9 @@ def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list:
             "--data validation needs a training workdir as --checkpoint (its config.json says "
             "which images the run held out)"
         )
+    protocol = config.get("protocol", "paper")
+    if tfds_data.is_tfds(config["data"]):
+        return tfds_data.training_splits(config["data"], protocol, config["seed"])[1]
     if config["data"] == "synthetic":
         count = config["synthetic_validation"]
         return write_dagm_folder(
@@ -221,11 +226,11 @@ def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list:
             count=count,
             size=config["image_size"],
             seed=config["seed"],
-            defect_free=protocol_defect_free(count, config.get("protocol", "paper")),
+            defect_free=protocol_defect_free(count, protocol),
             split="validation",
         )
     splits, _ = data.training_splits(
-        config["data"], list(config["classes"]), config.get("protocol", "paper"), config["seed"]
+        config["data"], list(config["classes"]), protocol, config["seed"]
     )
     return splits["validation"]
 
@@ -256,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         dest="data_source",
         help="a DAGM class folder (Label/Labels.txt), a plain images/ + masks/ folder, "
-        "'synthetic', or 'validation' (the split the checkpoint's training run held out)",
+        "tfds:NAME/CONFIG[:SPLIT] (a prepared TFDS dataset; split: validation), 'synthetic', "
+        "or 'validation' (the split the checkpoint's training run held out)",
     )
     add("--json", dest="json_path", help="also write the figures to this JSON file")
     width = parser.add_mutually_exclusive_group()

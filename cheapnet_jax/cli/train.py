@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     width.add_argument("--features", type=cli.count, help="width G (overrides --variant)")
     add = parser.add_argument
     add("--devices", type=cli.count, help="data-parallel devices (this process's)")
-    add("--data", help="DAGM 2007 root folder, a plain images/ + masks/ folder, or 'synthetic'")
+    add(
+        "--data",
+        help="DAGM 2007 root folder, a plain images/ + masks/ folder, tfds:NAME/CONFIG (a "
+        "prepared TFDS dataset, e.g. tfds:dagm2007/class6), or 'synthetic'",
+    )
     add("--classes", type=dagm_classes, help="DAGM classes: '6', '1,2,3' or 'all'")
     add(
         "--protocol",
