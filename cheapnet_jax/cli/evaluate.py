@@ -246,6 +246,15 @@ def store_calibration(request: EvaluationRequest, data: CalibrationData, source:
         f"min area {chosen['min_area']} -> detection rate {chosen['tpr']:.4f}, "
         f"false alarm rate {chosen['fpr']:.4f}, F1 {chosen['f1']:.4f}"
     )
+    print(f"the curve at min area {chosen['min_area']} (all of it in {path.name}):")
+    print("  threshold  TPR     FPR     precision")
+    for point in chosen["curve"]:
+        if round(point["threshold"] * 100) % 10 == 0 or point["threshold"] == chosen["threshold"]:
+            mark = "  <- chosen" if point["threshold"] == chosen["threshold"] else ""
+            print(
+                f"  {point['threshold']:<9.2f}  {point['tpr']:.4f}  {point['fpr']:.4f}  "
+                f"{point['precision']:.4f}{mark}"
+            )
     print(f"wrote {', '.join(str(p) for p in written)}; predict.py uses it by default")
 
 
