@@ -183,8 +183,11 @@ def test_pipeline_settings_are_checked(tmp_path):
     assert f"{tmp_path / 'small.png'}: 30x20 pixels" in wrong_size.stderr
     assert not (tmp_path / "b").exists()
     bad_shape = run_tool(
-        *common, "--format", "stablehlo", "--pipeline", "--image-size", "0x5", "--out", "c"
-    )
+        *common, "--format", "stablehlo", "--pipeline", "--image-size", "0x5",
+        "--out", str(tmp_path / "c"),
+    )  # fmt: skip
     assert bad_shape.returncode == 2 and "argument --image-size" in bad_shape.stderr
-    not_sixteen = run_tool(*common, "--format", "onnx", "--image-size", "40", "--out", "d")
+    not_sixteen = run_tool(
+        *common, "--format", "onnx", "--image-size", "40", "--out", str(tmp_path / "d")
+    )
     assert not_sixteen.returncode == 2 and "multiple of 16" in not_sixteen.stderr
