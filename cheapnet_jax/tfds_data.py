@@ -163,6 +163,11 @@ def normalization_statistics(split: RecordSplit) -> tuple[float, float]:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        sums = np.asarray(multihost_utils.process_allgather(sums)).sum(axis=0)
+        # float64 through float32 collectives (JAX's default): as a float32 head and the
+        # float32 rest, which together keep about 48 bits
+        head = sums.astype(np.float32)
+        rest = (sums - head.astype(np.float64)).astype(np.float32)
+        gathered = np.asarray(multihost_utils.process_allgather(np.stack([head, rest])))
+        sums = gathered.astype(np.float64).sum(axis=(0, 1))
     mean = sums[0] / sums[2]
     return float(mean), float(np.sqrt(max(sums[1] / sums[2] - mean**2, 0.0)))

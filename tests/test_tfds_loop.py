@@ -6,10 +6,13 @@ shares)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import run_tool, small_config
+from conftest import REPO_ROOT, cli_env, run_tool, small_config
+from test_multidevice import free_port
 
 from cheapnet_jax import data, tfds_data
 from cheapnet_jax.checkpoints import load_checkpoint
@@ -104,3 +107,62 @@ def test_train_on_a_tfds_dataset(prepared, monkeypatch, tmp_path):
     stored = load_checkpoint(tmp_path / "run").normalization
     assert stored.mean == pytest.approx(pixels.mean(), rel=1e-12)
     assert stored.std == pytest.approx(pixels.std(), rel=1e-9)
+
+
+# One of two jax.distributed processes: normalisation statistics of a TFDS split, recording
+# which examples this process read.
+STATISTICS_DRIVER = """
+import json, sys
+repo, port, process_id, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, repo)
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+from cheapnet_jax import tfds_data
+split, _ = tfds_data.training_splits("tfds:dagm2007/class6", "paper", 0)
+read = []
+source = split.source
+class Recording:
+    def __len__(self):
+        return len(source)
+    def __getitem__(self, index):
+        read.append(int(index))
+        return source[index]
+split.source = Recording()
+mean, std = tfds_data.normalization_statistics(split)
+json.dump({"mean": mean, "std": std, "read": sorted(set(read))}, open(out, "w"))
+"""
+
+
+def test_two_processes_share_the_statistics_work(prepared, monkeypatch, tmp_path):
+    """Under jax.distributed (2 processes, gloo on 127.0.0.1), each process reads only its half
+    of the training split, and both get the statistics of the whole split."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(prepared / "data"))
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                STATISTICS_DRIVER,
+                str(REPO_ROOT),
+                str(port),
+                str(i),
+                str(tmp_path / f"{i}.json"),
+            ],
+            cwd=REPO_ROOT,
+            env=cli_env(),
+            stderr=(tmp_path / f"err-{i}").open("w"),
+        )
+        for i in (0, 1)
+    ]
+    for i, process in enumerate(processes):
+        assert process.wait(timeout=300) == 0, (tmp_path / f"err-{i}").read_text()[-2000:]
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)]
+    train, _ = tfds_data.training_splits("tfds:dagm2007/class6", "paper", 0)
+    halves = np.array_split(np.arange(len(train)), 2)
+    assert [r["read"] for r in results] == [train.indices[h].tolist() for h in halves]
+    pixels = train.images[np.arange(len(train))].astype(np.float64) / 255
+    for result in results:
+        assert result["mean"] == pytest.approx(pixels.mean(), rel=1e-12)
+        assert result["std"] == pytest.approx(pixels.std(), rel=1e-9)
