@@ -113,7 +113,13 @@ def open_split(name: str, split: str) -> RecordSplit:
     data_dir = os.environ.get("TFDS_DATA_DIR")
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (tfds.core.registered.DatasetNotFoundError, AssertionError, ValueError, OSError) as err:
+    except (
+        tfds.core.registered.DatasetNotFoundError,
+        AssertionError,
+        NotImplementedError,  # a registered builder whose data is not prepared here
+        ValueError,
+        OSError,
+    ) as err:
         where = data_dir or "~/tensorflow_datasets"
         raise DataError(
             f"tfds:{name}:{split}: not prepared in {where} ({type(err).__name__}: "
