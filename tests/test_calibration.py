@@ -127,6 +127,17 @@ def test_evaluate_calibrates_and_predict_uses_it(tmp_path):
 
     assert defects(tmp_path / "a") == defects(tmp_path / "b")
 
+    # the pipeline artifact bakes in the calibrated settings too
+    exported = run_tool(
+        "-m cheapnet_jax.export", "--checkpoint", str(checkpoint), "--format", "stablehlo",
+        "--pipeline", "--image-size", "64", "--out", str(tmp_path / "p.stablehlo"),
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert f"using threshold {stored['threshold']} (calibration" in exported.stdout
+    report = json.loads((tmp_path / "p.stablehlo.parity.json").read_text())
+    assert report["settings"]["threshold"] == stored["threshold"]
+    assert report["settings"]["min_area"] == stored["min_area"]
+
 
 def test_calibration_without_good_images_is_one_line_and_writes_nothing(tmp_path):
     save_reference(random_reference(2, seed=1), tmp_path / "model.pkl")

@@ -43,8 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = parser.add_argument_group("--pipeline: the detector, images to defects")
     add = pipeline.add_argument
     add("--pipeline", action="store_true", help="export the whole detector (stablehlo only)")
-    add("--threshold", type=cli.probability, default=0.5, help="pixel probability threshold")
-    add("--min-area", type=cli.non_negative, default=0, help="smallest defect kept (pixels)")
+    add(
+        "--threshold",
+        type=cli.probability,
+        help="pixel probability threshold (none: the checkpoint's calibration, else 0.5)",
+    )
+    add(
+        "--min-area",
+        type=cli.non_negative,
+        help="smallest defect kept, in pixels (none: the checkpoint's calibration, else 0)",
+    )
+    add(
+        "--no-calibration",
+        dest="use_calibration",
+        action="store_false",
+        help="ignore the checkpoint's calibration (evaluate.py --calibrate)",
+    )
     add("--max-components", type=cli.count, default=256, help="defects reported per image")
     add(
         "--normalization",
@@ -79,6 +93,7 @@ def _main(argv: list[str]) -> int:
     if args.format != "stablehlo":
         raise SettingsError(f"--pipeline exports StableHLO only, not --format {args.format}")
     height, width = _image_size(parser, args.image_size, cli.image_shape)
+    print(cli.resolve_thresholds(args, threshold=0.5, min_area=0))
     normalization = args.normalization or _checkpoint_normalization(args.checkpoint)
     settings = PipelineSettings(
         height=height,

@@ -14,10 +14,8 @@ import dataclasses
 import sys
 
 from cheapnet_jax import cli, data
-from cheapnet_jax.calibration import read_calibration
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
-    calibration_path,
     load_checkpoint,
     resolve_normalization,
 )
@@ -85,30 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="read images of up to this many pixels (default: Pillow's decompression-bomb "
         "limit, about 179 million)",
     )
-    # threshold and min_area: None until resolved (see `resolve_thresholds`)
+    # threshold and min_area: None until resolved (see `cli.resolve_thresholds`)
     parser.set_defaults(**{**dataclasses.asdict(PredictOptions()), "threshold": None})
     parser.set_defaults(min_area=None)
     return parser
-
-
-def resolve_thresholds(args: argparse.Namespace) -> str:
-    """Fill in ``args.threshold`` and ``args.min_area`` left unset: from the checkpoint's
-    calibration when there is one (and --no-calibration is not given), else the defaults;
-    returns a line saying where each came from."""
-    calibration_file = calibration_path(args.checkpoint)
-    calibration = read_calibration(calibration_file) if args.use_calibration else None
-    origins = []
-    for name, flag in (("threshold", "--threshold"), ("min_area", "--min-area")):
-        if getattr(args, name) is not None:
-            origin = flag
-        elif calibration is not None:
-            setattr(args, name, calibration[name])
-            origin = f"calibration {calibration_file}"
-        else:
-            setattr(args, name, getattr(PredictOptions, name))
-            origin = "default"
-        origins.append(f"{name.replace('_', ' ')} {getattr(args, name)} ({origin})")
-    return "using " + ", ".join(origins)
 
 
 def _main(argv: list[str]) -> int:
@@ -116,7 +94,7 @@ def _main(argv: list[str]) -> int:
     if args.max_image_pixels is not None:
         data.allow_image_pixels(args.max_image_pixels)
     loaded = load_checkpoint(args.checkpoint, args.impl)
-    print(resolve_thresholds(args))
+    print(cli.resolve_thresholds(args, PredictOptions.threshold, PredictOptions.min_area))
     normalization = resolve_normalization(args.normalization, loaded)
     paths = find_images(args.inputs)
     fields = dataclasses.fields(PredictOptions)
