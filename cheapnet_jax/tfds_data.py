@@ -65,26 +65,23 @@ class RecordSplit:
     def subset(self, positions: np.ndarray) -> RecordSplit:
         return RecordSplit(self.source, self.indices[positions], self.name)
 
-    def read(self, positions) -> tuple[np.ndarray, np.ndarray]:
-        """Images and masks at ``positions`` (of this split) from the source."""
+    def read(self, positions) -> tuple[np.ndarray, np.ndarray, list[Example]]:
+        """Images, masks and `Example` s at ``positions`` (of this split), each example read
+        from the source once."""
         key = tuple(np.atleast_1d(np.asarray(positions)).tolist())
         if self._last is None or self._last[0] != key:
             examples = [self.source[int(self.indices[p])] for p in key]
             images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
             masks = np.stack([np.asarray(e["mask"]) > 0 for e in examples])
-            self._last = key, (images, masks)
+            about = [Example(int(e["class_id"]), _text(e["file_name"])) for e in examples]
+            self._last = key, (images, masks, about)
         return self._last[1]
-
-    def examples(self, positions) -> list[Example]:
-        examples = [self.source[int(self.indices[p])] for p in positions]
-        return [Example(int(e["class_id"]), _text(e["file_name"])) for e in examples]
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[Example], np.ndarray, np.ndarray]]:
         """``(examples, images, masks)`` of consecutive batches, like `data.iterate_batches`."""
         for start in range(0, len(self), batch_size):
-            positions = list(range(start, min(start + batch_size, len(self))))
-            images, masks = self.read(positions)
-            yield self.examples(positions), images, masks
+            images, masks, about = self.read(range(start, min(start + batch_size, len(self))))
+            yield about, images, masks
 
 
 class _Field:
