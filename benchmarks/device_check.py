@@ -8,7 +8,8 @@ test masks; (2) the model (lax and fused layers) against PyTorch (the independen
 tests/torch_reference.py, on the GPU when torch sees one), float32 masks; (3) `--jit-bench`
 rows for S, M, L (L at batch 1 and 8 only: 512x512x1024 float32 activations of a batch of 64
 are tens of GB per layer), segmentation and segmentation + labeling, both layer forms; (4) the
-labeler alone at batch 64 and 256; (5) one training step's throughput. Speeds are printed as
+labeler alone at batch 64 and 256; (5) one training step's throughput; (6) S and M at batch 64
+with BatchNorm folded (the default) or not, float32 or bfloat16 activations. Speeds are printed as
 ratios to the issue's goals. Needs no pycocotools, tensorboardX or tensorflow-datasets.
 """
 
@@ -114,6 +115,33 @@ def bench_rows(variants, batches_of, runs: int) -> list[dict]:
     return rows
 
 
+def inference_form_rows(variants, batch: int, runs: int) -> list[dict]:
+    """Segmentation img/s of the detector's network pass with BatchNorm folded (the default)
+    and unfolded, float32 and bfloat16 activations: whether the defaults pay on this device."""
+    rows = []
+    pixels = jax.random.randint(jax.random.key(1), (batch, 512, 512), 0, 256).astype(jnp.uint8)
+    for name, features in variants:
+        model = CheapNet(features)
+        model_variables = init_variables(model, jax.random.key(0))
+        row = {"variant": name, "batch": batch}
+        for fold in (True, False):
+            for dtype in ("float32", "bfloat16"):
+                segment = jax.jit(
+                    functools.partial(
+                        network_probabilities,
+                        model,
+                        normalization=(0.5, 0.25),
+                        fold=fold,
+                        dtype=dtype,
+                    )
+                )
+                timing = time_call(functools.partial(segment, model_variables, pixels), runs=runs)
+                row[f"{'folded' if fold else 'unfolded'} {dtype} img/s"] = batch / timing.median_s
+        rows.append(row)
+        print(row, file=sys.stderr)
+    return rows
+
+
 def labeler_rows(batches, runs: int) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
@@ -166,6 +194,10 @@ def main(argv: list[str]) -> None:
         label_batches, train = [64, 256], (2, 64)
     report["jit bench"] = bench_rows(variants, batches_of, args.runs)
     print(format_table(report["jit bench"], list(report["jit bench"][0])))
+    report["inference forms"] = inference_form_rows(
+        variants[:2], 2 if args.quick else 64, args.runs
+    )
+    print(format_table(report["inference forms"], list(report["inference forms"][0])))
     report["labeler"] = labeler_rows(label_batches, args.runs)
     print(format_table(report["labeler"], list(report["labeler"][0])))
     report["training"] = training_row(*train, runs=max(args.runs // 2, 2))

@@ -289,7 +289,13 @@ class BatchNorm(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """conv (or transposed conv) -> BatchNorm -> LeakyReLU(0.2)."""
+    """conv (or transposed conv) -> BatchNorm -> LeakyReLU(0.2).
+
+    Takes and returns an activation as stored between blocks, ``(values, offset)``: with
+    ``storage_dtype`` None the output as computed and None; otherwise the output minus
+    ``offset`` (per channel) as ``storage_dtype``. The input's values are its offset plus the
+    stored ones.
+    """
 
     features: int
     kind: Literal["conv", "transpose"] = "conv"
@@ -299,27 +305,36 @@ class ConvBlock(nn.Module):
     impl: Impl = "auto"
     bn_axis_name: str | None = None
     folded: bool = False
-    dtype: jnp.dtype | None = None  # what the output is stored as; None: the input's dtype
+    storage_dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        # bfloat16 is a storage format here: a block reads bfloat16 activations, computes in
-        # float32 and stores its output as bfloat16. Computing in bfloat16 loses the BatchNorm:
-        # (y - mean) cancels catastrophically when both are large (a bfloat16 step at 100 is
-        # 0.5): computed in bfloat16, the G = 2 checkpoint's verdicts on the real samples agreed
-        # with float32 on 98.9% of the pixels (measured once, 2026-12-01), against 99.89% now.
-        stored = self.dtype or x.dtype
-        if x.dtype == jnp.bfloat16:
-            x = x.astype(jnp.float32)
+    def __call__(
+        self, stored: tuple[jax.Array, jax.Array | None], train: bool
+    ) -> tuple[jax.Array, jax.Array | None]:
+        x, x_offset = stored
+        if x_offset is not None:
+            x = x.astype(x_offset.dtype) + x_offset
         if self.kind == "transpose":
             y = ConvTranspose(self.features, self.groups, self.impl, name="conv")(x)
         else:
             y = Conv(
                 self.features, self.kernel_size, self.stride, self.groups, self.impl, name="conv"
             )(x)
-        if not self.folded:
+        if self.folded:
+            # Set by `fold_batch_norm`; the unfolded block's offset (below), kept.
+            offset = self.param("storage_offset", nn.initializers.zeros, (self.features,))
+        else:
             y = BatchNorm(axis_name=self.bn_axis_name, name="bn")(y, train)
-        return nn.leaky_relu(y, LEAKY_SLOPE).astype(stored)
+            offset = nn.leaky_relu(self.variables["params"]["bn"]["bias"], LEAKY_SLOPE)
+        output = nn.leaky_relu(y, LEAKY_SLOPE)
+        if self.storage_dtype is None:
+            return output, None
+        # Stored centred: bfloat16 keeps 8 significant bits of a value, so a channel that sits
+        # far from 0 with little spread (the G = 2 bottleneck's second channel: mean 2.99,
+        # std 0.03, where bfloat16's step is 0.016) loses its signal; of its deviation from
+        # leaky_relu(BatchNorm bias), the output at the channel's running mean, it keeps 8 bits.
+        offset = offset.astype(output.dtype)
+        return (output - offset).astype(self.storage_dtype), offset
 
 
 def is_valid_size(height: int, width: int) -> bool:
@@ -343,16 +358,20 @@ class CheapNet(nn.Module):
     """CheapNet of width ``features`` (G >= 1).
 
     ``apply(variables, x, train=False)`` with x float ``[B, H, W, 1]`` (already normalised,
-    H and W multiples of 16) returns pre-sigmoid logits ``[B, H, W, 1]`` in x's dtype.
+    H and W multiples of 16) returns pre-sigmoid logits ``[B, H, W, 1]`` in x's dtype (each
+    block computes in x's dtype, or float32 for bfloat16 x).
     ``bn_axis_name`` makes training-mode BatchNorm average its statistics over that pmap axis.
     ``folded=True`` is the inference-only form without BatchNorm layers, whose variables come
-    from `fold_batch_norm`.
+    from `fold_batch_norm`. ``activation_dtype=jnp.bfloat16`` stores every block's output but
+    the logits as bfloat16 between blocks (half the bytes to move), each block computing in
+    float32 (see `ConvBlock` for why, and for the offsets the stored values are relative to).
     """
 
     features: int
     impl: Impl = "auto"
     bn_axis_name: str | None = None
     folded: bool = False
+    activation_dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -362,10 +381,12 @@ class CheapNet(nn.Module):
         if self.folded and train:
             raise ValueError("a CheapNet with folded BatchNorm is for inference only")
         g = self.features
-        # With bfloat16 input, the bottleneck's output (1/256 of the pixels) stays float32:
-        # rounding it alone flipped 0.7% of the G = 2 checkpoint's pixels on the real samples,
-        # more than every other block together (BENCHMARKS.md has the per-block figures).
-        bottleneck_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        input_dtype = x.dtype
+        compute_dtype = jnp.promote_types(input_dtype, jnp.float32)
+        storage_dtype = jnp.dtype(self.activation_dtype or input_dtype)
+        if storage_dtype == compute_dtype:
+            storage_dtype = None
+        x = x.astype(compute_dtype)
 
         def block(name: str, **kwargs) -> ConvBlock:
             return ConvBlock(
@@ -373,21 +394,30 @@ class CheapNet(nn.Module):
                 impl=self.impl,
                 bn_axis_name=self.bn_axis_name,
                 folded=self.folded,
-                dtype=kwargs.pop("dtype", x.dtype),
+                storage_dtype=kwargs.pop("storage_dtype", storage_dtype),
                 name=name,
                 **kwargs,
             )
 
-        e1 = block("encoder1")(x, train)
+        def concat(*stored: tuple[jax.Array, jax.Array | None]) -> tuple:
+            # The skip connections: values and offsets side by side.
+            arrays, offsets = zip(*stored, strict=True)
+            if offsets[0] is None:
+                return jnp.concatenate(arrays, -1), None
+            return jnp.concatenate(arrays, -1), jnp.concatenate(offsets, -1)
+
+        e1 = block("encoder1")((x, None), train)
         e2 = block("encoder2", stride=2, groups=g)(e1, train)
         e3 = block("encoder3", stride=2, groups=g)(e2, train)
         e4 = block("encoder4", stride=2, groups=g)(e3, train)
-        b = block("bottleneck", stride=2, groups=g, dtype=bottleneck_dtype)(e4, train)
+        b = block("bottleneck", stride=2, groups=g)(e4, train)
         d1 = block("decoder1", kind="transpose", groups=g)(b, train)
-        d2 = block("decoder2", kind="transpose", groups=g)(jnp.concatenate([e4, d1], -1), train)
-        d3 = block("decoder3", kind="transpose", groups=g)(jnp.concatenate([e3, d2], -1), train)
-        d4 = block("decoder4", kind="transpose", groups=g)(jnp.concatenate([e2, d3], -1), train)
-        return block("output", features=1, kernel_size=1)(jnp.concatenate([e1, d4], -1), train)
+        d2 = block("decoder2", kind="transpose", groups=g)(concat(e4, d1), train)
+        d3 = block("decoder3", kind="transpose", groups=g)(concat(e3, d2), train)
+        d4 = block("decoder4", kind="transpose", groups=g)(concat(e2, d3), train)
+        output = block("output", features=1, kernel_size=1, storage_dtype=None)
+        logits, _ = output(concat(e1, d4), train)
+        return logits.astype(input_dtype)
 
 
 def receptive_field_radius() -> int:
@@ -425,7 +455,8 @@ def fold_batch_norm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
     """Variables of ``CheapNet(G, folded=True)`` computing what ``variables`` compute in
     inference mode: each BatchNorm's ``(y - mean) * scale / sqrt(var + eps) + bias`` folded
     into its convolution (kernels scaled per output channel, the last HWIO axis, for plain
-    and transposed convolutions alike; biases shifted). Computed in the variables' dtype."""
+    and transposed convolutions alike; biases shifted), and the block's storage offset (see
+    `ConvBlock`) kept. Computed in the variables' dtype."""
     folded = {}
     for name, block in variables["params"].items():
         stats = variables["batch_stats"][name]["bn"]
@@ -436,7 +467,8 @@ def fold_batch_norm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
             "conv": {
                 "kernel": conv["kernel"] * factor,
                 "bias": (conv["bias"] - stats["mean"]) * factor + bn["bias"],
-            }
+            },
+            "storage_offset": nn.leaky_relu(bn["bias"], LEAKY_SLOPE),
         }
     return {"params": folded}
 

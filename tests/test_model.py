@@ -196,7 +196,7 @@ def test_folded_batch_norm_computes_what_the_model_computes(impl):
     expected = CheapNet(4, impl=impl).apply(variables, x)
     folded = fold_batch_norm(variables)
     assert set(folded) == {"params"}
-    assert all(set(block) == {"conv"} for block in folded["params"].values())
+    assert all(set(block) == {"conv", "storage_offset"} for block in folded["params"].values())
     found = jax.jit(CheapNet(4, impl=impl, folded=True).apply)(folded, x)
     assert found.dtype == jnp.float64 and float(jnp.std(expected)) > 0.1
     np.testing.assert_allclose(np.asarray(found), np.asarray(expected), rtol=1e-11, atol=1e-11)
