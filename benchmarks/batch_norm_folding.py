@@ -2,19 +2,23 @@
 
     .venv/bin/python benchmarks/batch_norm_folding.py [--rounds 3] [--json out/folding.json]
 
-Random weights, 512x512 float32, `inference_logits` (the detector's network pass); each round
-times both forms in turn (medians of 10 runs), the best round is kept.
+Random weights, 512x512 uint8 images, the detector's network pass (`network_probabilities`,
+folding inside the compiled program with ``fold=True``, its default, or not); each round times
+both forms in turn (medians of 10 runs), the best round is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
+import jax.numpy as jnp
 
 from cheapnet_jax.bench import format_table, time_call, write_json
-from cheapnet_jax.model import CheapNet, fold_batch_norm, inference_logits, init_variables
+from cheapnet_jax.detection import network_probabilities
+from cheapnet_jax.model import CheapNet, init_variables
 
 
 def main(argv: list[str]) -> None:
@@ -24,23 +28,18 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     rows = []
     for features, batch in ((2, 1), (2, 8), (32, 1), (32, 8)):
-        variables = init_variables(CheapNet(features), jax.random.key(0))
-        folded_variables = fold_batch_norm(variables)
-        x = jax.random.normal(jax.random.key(1), (batch, 512, 512, 1))
+        model = CheapNet(features)
+        variables = init_variables(model, jax.random.key(0))
+        pixels = jax.random.randint(jax.random.key(1), (batch, 512, 512), 0, 256).astype(jnp.uint8)
+        probabilities = functools.partial(network_probabilities, normalization=(0.5, 0.25))
         forms = {
-            "plain": (
-                jax.jit(lambda v, x, g=features: inference_logits(CheapNet(g), v, x)),
-                variables,
-            ),
-            "folded": (
-                jax.jit(lambda v, x, g=features: inference_logits(CheapNet(g, folded=True), v, x)),
-                folded_variables,
-            ),
+            name: jax.jit(functools.partial(probabilities, model, fold=fold))
+            for name, fold in (("plain", False), ("folded", True))
         }
         best = {name: float("inf") for name in forms}
         for _ in range(args.rounds):
-            for name, (fn, v) in forms.items():
-                seconds = time_call(lambda fn=fn, v=v, x=x: fn(v, x), runs=10).median_s
+            for name, fn in forms.items():
+                seconds = time_call(functools.partial(fn, variables, pixels), runs=10).median_s
                 best[name] = min(best[name], seconds)
         rows.append(
             {

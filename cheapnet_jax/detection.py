@@ -106,8 +106,9 @@ def network_probabilities(
             raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
         x = normalize_on_device(x, *normalization)
     if fold and not model.folded:
-        # One multiply-add fewer per activation: 1.06-1.34x the images/s on the CPU
-        # (BENCHMARKS.md), the same logits up to float32 rounding. Folded inside the traced
+        # One multiply-add fewer per activation: 1.16-1.50x the images/s at batch 8 on the CPU,
+        # no measurable difference at batch 1 (BENCHMARKS.md); the same logits up to float32
+        # rounding. Folded inside the traced
         # program, so callers keep passing the checkpoint's variables.
         model, variables = model.clone(folded=True), fold_batch_norm(variables)
     model = model.clone(activation_dtype=INFERENCE_DTYPES[dtype])
