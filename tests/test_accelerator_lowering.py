@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cheapnet_jax import CheapNet
 from cheapnet_jax.detection import detections_from_probabilities, make_detector
@@ -23,21 +24,24 @@ from cheapnet_jax.model import init_variables
 HOST_CALLBACK = re.compile(r"custom_call\s*@\w*callback")
 
 
-def detector_and_arguments(batch: int = 4, size: int = 64):
+def detector_and_arguments(batch: int = 4, size: int = 64, dtype: str = "float32"):
     model = CheapNet(features=2)
     variables = init_variables(model, jax.random.PRNGKey(0))
     images = jax.ShapeDtypeStruct((batch, size, size, 1), jnp.float32)
-    return make_detector(model, threshold=0.5, max_components=32), variables, images
+    return make_detector(model, threshold=0.5, max_components=32, dtype=dtype), variables, images
 
 
-def test_detector_lowered_for_cuda_has_no_host_callback_and_one_loop():
-    detector, variables, images = detector_and_arguments()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_detector_lowered_for_cuda_has_no_host_callback_and_one_loop(dtype):
+    detector, variables, images = detector_and_arguments(dtype=dtype)
     exported = jax.export.export(detector, platforms=["cuda"])(variables, images)
     module = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert not HOST_CALLBACK.search(module)
     assert module.count("stablehlo.while") == 1  # the union-find's rounds; nothing else loops
     assert "stablehlo.scatter" in module and "stablehlo.convolution" in module  # lax layers
+    # bfloat16 activations between blocks, and only then
+    assert ("xbf16>" in module) == (dtype == "bfloat16")
 
 
 def test_the_same_program_lowered_for_the_cpu_keeps_the_cpu_path():
