@@ -28,7 +28,9 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from inference_forms import form_rows  # noqa: E402
 from mask_shapes import shapes, spiral  # noqa: E402
 
 from cheapnet_jax.bench import format_table, time_call, write_json  # noqa: E402
@@ -115,33 +117,6 @@ def bench_rows(variants, batches_of, runs: int) -> list[dict]:
     return rows
 
 
-def inference_form_rows(variants, batch: int, runs: int) -> list[dict]:
-    """Segmentation img/s of the detector's network pass with BatchNorm folded (the default)
-    and unfolded, float32 and bfloat16 activations: whether the defaults pay on this device."""
-    rows = []
-    pixels = jax.random.randint(jax.random.key(1), (batch, 512, 512), 0, 256).astype(jnp.uint8)
-    for name, features in variants:
-        model = CheapNet(features)
-        model_variables = init_variables(model, jax.random.key(0))
-        row = {"variant": name, "batch": batch}
-        for fold in (True, False):
-            for dtype in ("float32", "bfloat16"):
-                segment = jax.jit(
-                    functools.partial(
-                        network_probabilities,
-                        model,
-                        normalization=(0.5, 0.25),
-                        fold=fold,
-                        dtype=dtype,
-                    )
-                )
-                timing = time_call(functools.partial(segment, model_variables, pixels), runs=runs)
-                row[f"{'folded' if fold else 'unfolded'} {dtype} img/s"] = batch / timing.median_s
-        rows.append(row)
-        print(row, file=sys.stderr)
-    return rows
-
-
 def labeler_rows(batches, runs: int) -> list[dict]:
     rows = []
     rng = np.random.default_rng(0)
@@ -194,8 +169,9 @@ def main(argv: list[str]) -> None:
         label_batches, train = [64, 256], (2, 64)
     report["jit bench"] = bench_rows(variants, batches_of, args.runs)
     print(format_table(report["jit bench"], list(report["jit bench"][0])))
-    report["inference forms"] = inference_form_rows(
-        variants[:2], 2 if args.quick else 64, args.runs
+    form_batch = 2 if args.quick else 64
+    report["inference forms"] = form_rows(
+        [(name, features, form_batch) for name, features in variants[:2]], 1, args.runs
     )
     print(format_table(report["inference forms"], list(report["inference forms"][0])))
     report["labeler"] = labeler_rows(label_batches, args.runs)
