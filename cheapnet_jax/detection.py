@@ -107,7 +107,7 @@ def network_probabilities(
         x = normalize_on_device(x, *normalization)
     if fold and not model.folded:
         # One multiply-add fewer per activation: 1.16-1.50x the images/s at batch 8 on the CPU,
-        # no measurable difference at batch 1 (BENCHMARKS.md); the same logits up to float32
+        # no measurable difference at batches 1-4 (BENCHMARKS.md); the same logits up to float32
         # rounding. Folded inside the traced
         # program, so callers keep passing the checkpoint's variables.
         model, variables = model.clone(folded=True), fold_batch_norm(variables)
