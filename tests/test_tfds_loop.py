@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, cli_env, run_tool, small_config
-from test_multidevice import free_port
+from test_multidevice import assert_same_variables, free_port, variables_of
 
 from cheapnet_jax import data, tfds_data
 from cheapnet_jax.checkpoints import load_checkpoint
@@ -166,3 +166,44 @@ def test_two_processes_share_the_statistics_work(prepared, monkeypatch, tmp_path
     for result in results:
         assert result["mean"] == pytest.approx(pixels.mean(), rel=1e-12)
         assert result["std"] == pytest.approx(pixels.std(), rel=1e-9)
+
+
+def test_two_processes_train_on_a_tfds_dataset_as_one_process_with_two_devices(
+    prepared, monkeypatch, tmp_path
+):
+    """train.py on the dataset (dagm protocol: 7 training and 2 validation examples, 2 epochs,
+    float64) as two jax.distributed processes with one device each, every process reading its
+    half of each batch from the records: the same weights as one process with two devices."""
+    monkeypatch.setenv("TFDS_DATA_DIR", str(prepared / "data"))
+    run = (
+        "--variant", "S", "--data", "tfds:dagm2007/class6", "--protocol", "dagm",
+        "--batch-size", "2", "--epochs", "2", "--milestones", "1", "--dtype", "float64",
+        "--no-progress",
+    )  # fmt: skip
+    single = tmp_path / "single"
+    result = run_tool("train.py", *run, "--devices", "2", "--workdir", str(single))
+    assert result.returncode == 0, result.stderr
+
+    workdir, port = tmp_path / "two-processes", free_port()
+    processes = []
+    for process_id in (0, 1):
+        command = [
+            sys.executable, str(REPO_ROOT / "train.py"), *run, "--devices", "1",
+            "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", "2", "--process-id", str(process_id),
+        ]  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env=cli_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp_path / f"train-err-{process_id}").open("w"),
+            )
+        )
+    for process_id, process in enumerate(processes):
+        error = (tmp_path / f"train-err-{process_id}").read_text
+        assert process.wait(timeout=600) == 0, error()[-3000:]
+    assert_same_variables(variables_of(workdir), variables_of(single), atol=1e-9)
+    evaluated = run_tool("evaluate.py", "--checkpoint", str(workdir), "--no-progress")
+    assert evaluated.returncode == 0 and "mIoU" in evaluated.stdout, evaluated.stderr
