@@ -42,12 +42,13 @@ def test_uint8_images_without_normalization_are_refused():
         make_detector(model)(variables, jnp.zeros((1, 16, 16), jnp.uint8))
 
 
-# Measured on the 10 real samples (every block's output but the logits stored as bfloat16,
-# centred on leaky_relu(BatchNorm bias), each block computing in float32; the input float32):
-# 99.972% of the pixels agree for G=2 and 99.989% for G=32 (99.89% / 99.96% when stored
-# uncentred with a bfloat16 input), short of the 99.99% the issue asks for; rounding any single
-# block's output alone already flips 0.006-0.014% of the G=2 checkpoint's pixels (BENCHMARKS.md).
-BFLOAT16_AGREEMENT_FLOOR = {2: 0.9996, 32: 0.9998}
+# Measured on the 10 real samples (the outputs of the blocks at full, 1/2 and 1/4 resolution
+# stored as bfloat16, centred on leaky_relu(BatchNorm bias), each block computing in float32;
+# the input float32): 99.978% of the pixels agree for G=2 and 99.990% for G=32 (99.89% /
+# 99.96% when every block was stored uncentred with a bfloat16 input). G=2 stays short of the
+# 99.99% the issue asks for: rounding the full-resolution decoder4 output alone already flips
+# 0.014% of its pixels (BENCHMARKS.md).
+BFLOAT16_AGREEMENT_FLOOR = {2: 0.9997, 32: 0.9999}
 
 
 def test_bfloat16_storage_is_centred_on_the_batch_norm_bias():
