@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threshold", type=cli.probability, help="a pixel is a defect if its probability > this")
     add("--batch-size", type=cli.count, help="images per forward pass (none: by G)")
     add("--impl", choices=["auto", "lax", "fused"], help="layer implementation")
-    add("--dtype", choices=sorted(INFERENCE_DTYPES), help="what the network computes in")
+    add("--dtype", choices=sorted(INFERENCE_DTYPES), help="activations between blocks")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     calibration = parser.add_argument_group(
         "--calibrate: choose the threshold and minimum defect area on validation data"

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="skip images already recorded")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add("--impl", choices=["auto", "lax", "fused"], default="auto", help="layer implementation")
-    add("--dtype", choices=sorted(INFERENCE_DTYPES), help="what the network computes in")
+    add("--dtype", choices=sorted(INFERENCE_DTYPES), help="activations between blocks")
     add(
         "--tile",
         type=cli.image_size,
