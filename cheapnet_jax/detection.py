@@ -34,18 +34,32 @@ class Detections(NamedTuple):
     overflow: jax.Array
 
 
-def component_sums(labels: jax.Array, values: jax.Array, max_components: int) -> jax.Array:
+def component_sums(
+    labels: jax.Array, values: jax.Array, max_components: int, connectivity: int = 8
+) -> jax.Array:
     """Sums ``[B, K]`` of ``values [B, H, W]`` over each of the first K components of
-    ``labels [B, H, W]``.
+    ``labels [B, H, W]``, a labeling with ``connectivity`` (4 or 8).
 
-    One update per foreground pixel of a kept component; background and components beyond
+    Reduced per block first, as the labeler's statistics are: the set pixels of a 2x2 block
+    (8-connectivity) or of a 1x2 block (4-connectivity) always belong to one component, so a
+    block sends one update with its label (the largest in the block) and the sum of its set
+    pixels' values: 4x (2x) fewer updates than pixels. Background blocks and components beyond
     max_components go out of range and are dropped (no hot spot on an accelerator).
     """
-    batch = labels.shape[0]
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    batch, height, width = labels.shape
+    block_height = 2 if connectivity == 8 else 1
+    padding = ((0, 0), (0, (-height) % block_height), (0, width % 2))
+    set_values = jnp.pad(jnp.where(labels > 0, values, 0), padding)
+    labels = jnp.pad(labels, padding)
+    blocks = (batch, labels.shape[1] // block_height, block_height, labels.shape[2] // 2, 2)
+    block_labels = labels.reshape(blocks).max(axis=(2, 4))
+    block_sums = set_values.reshape(blocks).sum(axis=(2, 4))
     return (
         jnp.zeros((batch * max_components,), values.dtype)
-        .at[component_segments(labels, max_components)]
-        .add(values.reshape(-1), mode="drop")
+        .at[component_segments(block_labels, max_components)]
+        .add(block_sums.reshape(-1), mode="drop")
         .reshape(batch, max_components)
     )
 
@@ -65,7 +79,7 @@ def detections_from_probabilities(
         masks, connectivity, max_components, method=method
     )
     area = stats[..., 4]
-    sums = component_sums(labels, probabilities, max_components)
+    sums = component_sums(labels, probabilities, max_components, connectivity)
     scores = jnp.where(valid, sums / jnp.maximum(area, 1).astype(sums.dtype), 0)
     valid = valid & (area >= min_area)
     return Detections(probabilities, masks, labels, stats, scores, valid, overflow)

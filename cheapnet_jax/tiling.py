@@ -134,7 +134,7 @@ def make_tile_detector(
         labels, counts, (stats, _, _) = label_and_measure(
             mask[None], connectivity, max_parts, method=method
         )
-        sums = component_sums(labels, core[None], max_parts)[0]
+        sums = component_sums(labels, core[None], max_parts, connectivity)[0]
         first = (
             jnp.full((max_parts,), core_shape[0] * core_shape[1], jnp.int32)
             .at[component_segments(labels, max_parts)]

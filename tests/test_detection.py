@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from cheapnet_jax import CheapNet
-from cheapnet_jax.detection import detect, detections_from_probabilities
+from cheapnet_jax.detection import component_sums, detect, detections_from_probabilities
 from cheapnet_jax.metrics import coco_box_ap, coco_xywh, mask_bounding_box
 from cheapnet_jax.model import init_variables
 
@@ -36,6 +36,40 @@ def test_components_scores_and_boxes_match_scipy(method):
                 cols.stop - 1,
                 rows.stop - 1,
             ]
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("shape", [(47, 63), (48, 64), (1, 9), (9, 1)])
+def test_component_sums_are_scipys_sums_per_label(connectivity, shape):
+    """Sums reduced per block (2x2, or 1x2 for 4-connectivity) against scipy's per-pixel
+    `sum_labels`, odd sizes included; components beyond max_components are left out; eager,
+    jitted and under vmap."""
+    rng = np.random.default_rng(connectivity + shape[0])
+    masks = rng.random((3, *shape)) < 0.45
+    values = rng.random((3, *shape)).astype(np.float32)
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    labels = np.stack([ndimage.label(m, structure)[0] for m in masks]).astype(np.int32)
+    max_components = 5
+    expected = np.zeros((3, max_components), np.float64)
+    for i in range(3):
+        count = min(int(labels[i].max()), max_components)
+        index = np.arange(1, count + 1)
+        expected[i, :count] = ndimage.sum_labels(values[i], labels[i], index)
+    assert (labels.max(axis=(1, 2)) > max_components).any() or shape[0] == 1 or shape[1] == 1
+
+    def sums(label_images, value_images):
+        return component_sums(label_images, value_images, max_components, connectivity)
+
+    per_image = jax.vmap(
+        lambda label_image, value_image: sums(label_image[None], value_image[None])[0]
+    )
+    for found in (sums(labels, values), jax.jit(sums)(labels, values), per_image(labels, values)):
+        np.testing.assert_allclose(np.asarray(found), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_component_sums_refuse_other_connectivities():
+    with pytest.raises(ValueError, match="connectivity"):
+        component_sums(jnp.zeros((1, 4, 4), jnp.int32), jnp.zeros((1, 4, 4)), 2, connectivity=6)
 
 
 def test_min_area_drops_specks():
