@@ -113,8 +113,9 @@ def network_probabilities(
 ) -> jax.Array:
     """Probabilities float32 ``[B, H, W]`` of float ``[B, H, W, 1]`` normalised images or of
     uint8 ``[B, H, W]`` pixels (normalised on the device with ``normalization``), the network
-    running in ``dtype`` (`INFERENCE_DTYPES`), with its BatchNorm folded into the convolutions
-    unless ``fold=False``. The detector's first step."""
+    storing its activations in ``dtype`` (`INFERENCE_DTYPES`, see `CheapNet.activation_dtype`),
+    with its BatchNorm folded into the convolutions unless ``fold=False``. The detector's first
+    step."""
     if x.dtype == jnp.uint8:
         if normalization is None:
             raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
@@ -122,8 +123,8 @@ def network_probabilities(
     if fold and not model.folded:
         # One multiply-add fewer per activation: 1.16-1.50x the images/s at batch 8 on the CPU,
         # no measurable difference at batches 1-4 (BENCHMARKS.md); the same logits up to float32
-        # rounding. Folded inside the traced
-        # program, so callers keep passing the checkpoint's variables.
+        # rounding. Folded inside the traced program, so callers keep passing the checkpoint's
+        # variables.
         model, variables = model.clone(folded=True), fold_batch_norm(variables)
     model = model.clone(activation_dtype=INFERENCE_DTYPES[dtype])
     logits = inference_logits(model, variables, x.astype(jnp.float32))
