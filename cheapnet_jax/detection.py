@@ -86,8 +86,8 @@ def detections_from_probabilities(
 
 
 INFERENCE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-"""What the network may compute in at inference (``--dtype``); probabilities, thresholds and
-scores are float32 either way."""
+"""What the network may store its activations in at inference (``--dtype``); every block
+computes in float32, and probabilities, thresholds and scores are float32 either way."""
 
 
 def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array:
