@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cheapnet_jax import data
-from cheapnet_jax.labeling import Method, component_segments, label_and_measure
+from cheapnet_jax.labeling import Method, block_pixels, component_segments, label_and_measure
 from cheapnet_jax.model import CheapNet, fold_batch_norm, inference_logits
 
 
@@ -48,14 +48,10 @@ def component_sums(
     """
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    batch, height, width = labels.shape
-    block_height = 2 if connectivity == 8 else 1
-    padding = ((0, 0), (0, (-height) % block_height), (0, width % 2))
-    set_values = jnp.pad(jnp.where(labels > 0, values, 0), padding)
-    labels = jnp.pad(labels, padding)
-    blocks = (batch, labels.shape[1] // block_height, block_height, labels.shape[2] // 2, 2)
-    block_labels = labels.reshape(blocks).max(axis=(2, 4))
-    block_sums = set_values.reshape(blocks).sum(axis=(2, 4))
+    batch = labels.shape[0]
+    block_labels = functools.reduce(jnp.maximum, block_pixels(labels, connectivity).values())
+    set_values = block_pixels(jnp.where(labels > 0, values, 0), connectivity).values()
+    block_sums = functools.reduce(jnp.add, set_values)
     return (
         jnp.zeros((batch * max_components,), values.dtype)
         .at[component_segments(block_labels, max_components)]
@@ -147,8 +143,8 @@ def make_detector(
 
     ``x`` is either float ``[B, H, W, 1]``, already normalised, or the raw uint8 pixels
     ``[B, H, W]``, normalised on the device with ``normalization=(mean, std)``. The network
-    runs in ``dtype`` (see `INFERENCE_DTYPES`), BatchNorm folded unless ``fold=False`` (see
-    `network_probabilities`). ``crop=(height, width)`` keeps the top-left
+    stores its activations in ``dtype`` (see `INFERENCE_DTYPES`), BatchNorm folded unless
+    ``fold=False`` (see `network_probabilities`). ``crop=(height, width)`` keeps the top-left
     corner of the probabilities before thresholding: for images padded up to a multiple of 16,
     so that no defect comes from the padding (one compiled program per crop).
     """

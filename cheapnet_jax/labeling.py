@@ -89,7 +89,7 @@ def _block_height(connectivity: int) -> int:
 
 
 def _block_height_of(pixels: dict[tuple[int, int], jax.Array]) -> int:
-    """The block height of `_block_pixels`' output (its keys are the pixels' places)."""
+    """The block height of `block_pixels`' output (its keys are the pixels' places)."""
     return 1 + max(r for r, _ in pixels)
 
 
@@ -98,15 +98,16 @@ def _foreground(pixels: dict[tuple[int, int], jax.Array]) -> jax.Array:
     return functools.reduce(jnp.logical_or, pixels.values())
 
 
-def _block_pixels(masks: jax.Array, connectivity: int) -> dict[tuple[int, int], jax.Array]:
-    """The pixels of every block, ``{(row, col) inside the block: [B, Hb, Wb]}``.
+def block_pixels(images: jax.Array, connectivity: int) -> dict[tuple[int, int], jax.Array]:
+    """The pixels of every block of ``images [B, H, W]`` (masks, labels or values; padded with
+    zeros to whole blocks), ``{(row, col) inside the block: [B, Hb, Wb]}``.
 
     Blocks are 2x2 for 8-connectivity and 1x2 for 4-connectivity: the largest blocks whose
     foreground pixels are always connected to each other, so a block can be one node.
     """
     block_height = _block_height(connectivity)
-    batch, height, width = masks.shape
-    padded = jnp.pad(masks, ((0, 0), (0, (-height) % block_height), (0, width % 2)))
+    batch, height, width = images.shape
+    padded = jnp.pad(images, ((0, 0), (0, (-height) % block_height), (0, width % 2)))
     blocks = padded.reshape(
         batch, padded.shape[1] // block_height, block_height, padded.shape[2] // 2, 2
     )
@@ -266,7 +267,7 @@ def _union_find_blocks(
     masks: jax.Array, connectivity: int
 ) -> tuple[dict[tuple[int, int], jax.Array], jax.Array, jax.Array, jax.Array]:
     """``(block pixels, block labels [B, Hb, Wb], counts [B], rounds)`` of masks [B, H, W]."""
-    pixels = _block_pixels(masks, connectivity)
+    pixels = block_pixels(masks, connectivity)
     roots, rounds = _resolve(*_initial_forest(pixels, connectivity))
     block_label, counts = _number_components(pixels, roots)
     return pixels, block_label, counts, rounds

@@ -288,6 +288,17 @@ class BatchNorm(nn.Module):
         return mean, var
 
 
+def storage_offset(batch_norm_bias: jax.Array) -> jax.Array:
+    """What a block subtracts from its output before storing it in a narrower dtype:
+    leaky_relu(BatchNorm bias), the output at the channel's running mean.
+
+    bfloat16 keeps 8 significant bits of a value, so a channel that sits far from 0 with little
+    spread (the G = 2 bottleneck's second channel: mean 2.99, std 0.03, where bfloat16's step is
+    0.016) loses its signal; of its deviation from this offset it keeps 8 bits.
+    """
+    return nn.leaky_relu(batch_norm_bias, LEAKY_SLOPE)
+
+
 class ConvBlock(nn.Module):
     """conv (or transposed conv) -> BatchNorm -> LeakyReLU(0.2).
 
@@ -321,18 +332,15 @@ class ConvBlock(nn.Module):
                 self.features, self.kernel_size, self.stride, self.groups, self.impl, name="conv"
             )(x)
         if self.folded:
-            # Set by `fold_batch_norm`; the unfolded block's offset (below), kept.
+            # Set by `fold_batch_norm` from the BatchNorm it folded away.
             offset = self.param("storage_offset", nn.initializers.zeros, (self.features,))
         else:
             y = BatchNorm(axis_name=self.bn_axis_name, name="bn")(y, train)
-            offset = nn.leaky_relu(self.variables["params"]["bn"]["bias"], LEAKY_SLOPE)
         output = nn.leaky_relu(y, LEAKY_SLOPE)
         if self.storage_dtype is None:
             return output, None
-        # Stored centred: bfloat16 keeps 8 significant bits of a value, so a channel that sits
-        # far from 0 with little spread (the G = 2 bottleneck's second channel: mean 2.99,
-        # std 0.03, where bfloat16's step is 0.016) loses its signal; of its deviation from
-        # leaky_relu(BatchNorm bias), the output at the channel's running mean, it keeps 8 bits.
+        if not self.folded:
+            offset = storage_offset(self.variables["params"]["bn"]["bias"])
         offset = offset.astype(output.dtype)
         return (output - offset).astype(self.storage_dtype), offset
 
@@ -364,8 +372,7 @@ class CheapNet(nn.Module):
     ``folded=True`` is the inference-only form without BatchNorm layers, whose variables come
     from `fold_batch_norm`. ``activation_dtype=jnp.bfloat16`` stores the outputs of the blocks
     at full, 1/2 and 1/4 resolution (98.7% of the activation bytes) as bfloat16 between blocks,
-    each block computing in float32 (see `ConvBlock` for why, and for the offsets the stored
-    values are relative to).
+    each block computing in float32 (see `ConvBlock`), relative to `storage_offset`.
     """
 
     features: int
@@ -474,7 +481,7 @@ def fold_batch_norm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
                 "kernel": conv["kernel"] * factor,
                 "bias": (conv["bias"] - stats["mean"]) * factor + bn["bias"],
             },
-            "storage_offset": nn.leaky_relu(bn["bias"], LEAKY_SLOPE),
+            "storage_offset": storage_offset(bn["bias"]),
         }
     return {"params": folded}
 

@@ -15,10 +15,10 @@ from mask_shapes import shapes
 from scipy import ndimage
 
 from cheapnet_jax.labeling import (
-    _block_pixels,
     _hooks,
     _initial_forest,
     _resolve,
+    block_pixels,
     component_segments,
     component_stats,
     label_and_measure,
@@ -194,7 +194,7 @@ def test_background_sends_no_update_to_an_in_range_index(connectivity):
 
     @functools.partial(jax.jit, static_argnums=1)
     def hook_targets(masks, finished):
-        parent, edges = _initial_forest(_block_pixels(masks, connectivity), connectivity)
+        parent, edges = _initial_forest(block_pixels(masks, connectivity), connectivity)
         if finished:
             parent, _ = _resolve(parent, edges)
         return _hooks(parent, edges)[0], jnp.asarray(parent.size)
