@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,35 @@ def read_calibration(path: Path) -> dict | None:
     if not 0 < calibration["threshold"] < 1 or calibration["min_area"] < 0:
         raise SettingsError(f"{path}: threshold or min_area out of range: {calibration}")
     return calibration
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A detection setting's value and where it came from: ``"given"`` (a flag or a request),
+    ``"calibration"`` (the checkpoint's calibration file) or ``"default"``."""
+
+    value: float | int
+    origin: str
+
+
+def resolve_settings(
+    given: Mapping[str, float | int | None],
+    defaults: Mapping[str, float | int],
+    calibration_file: Path | None,
+) -> dict[str, Setting]:
+    """``threshold`` and ``min_area``: each as given when not None, else from the calibration
+    at ``calibration_file`` (None: ignore any calibration), else the default. One rule for
+    predict.py, the export and the inspection service."""
+    calibration = read_calibration(calibration_file) if calibration_file is not None else None
+    settings = {}
+    for name in ("threshold", "min_area"):
+        if given.get(name) is not None:
+            settings[name] = Setting(given[name], "given")
+        elif calibration is not None:
+            settings[name] = Setting(calibration[name], "calibration")
+        else:
+            settings[name] = Setting(defaults[name], "default")
+    return settings
 
 
 def _plot_curves(path: Path, calibration: dict) -> list[Path]:

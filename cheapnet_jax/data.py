@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -169,15 +169,34 @@ def load_image(
     with a warning when ``convert_to_grayscale``, else rejected; more than 8 bits is always
     rejected (how to scale it down is the user's call).
     """
-    path = Path(path)
+    return decode_image(path, str(path), convert_to_grayscale=convert_to_grayscale)
+
+
+def decode_image(
+    source: str | os.PathLike | BinaryIO,
+    name: str,
+    *,
+    convert_to_grayscale: bool = False,
+    max_pixels: int | None = None,
+) -> tuple[np.ndarray, str | None]:
+    """`load_image` of a path or a binary stream (an uploaded body), errors naming ``name``.
+
+    ``max_pixels``: refuse larger images (ImageTooLargeError) from the header, before any pixel is
+    decoded, whatever Pillow's own limit.
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: {image.width}x{image.height} is {image.width * image.height:,} "
+                    f"pixels, more than the {max_pixels:,} allowed"
+                )
             mode = image.mode
             warning = None
             if mode != "L":
                 if not convert_to_grayscale or mode in HIGH_BIT_DEPTH_MODES:
                     raise DataError(
-                        f"{path}: image mode {mode!r} ({_describe_mode(mode)}); expected 8-bit "
+                        f"{name}: image mode {mode!r} ({_describe_mode(mode)}); expected 8-bit "
                         "grayscale ('L'): convert it first, e.g. PIL's Image.convert('L')"
                     )
                 warning = f"converted from mode {mode!r} to 8-bit grayscale"
@@ -186,13 +205,17 @@ def load_image(
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+        raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from err
     except Image.DecompressionBombError as err:  # not an OSError: Pillow's own limit
-        raise DataError(
-            f"{path}: larger than Pillow allows ({err}); if the file is trusted, raise the limit "
+        raise ImageTooLargeError(
+            f"{name}: larger than Pillow allows ({err}); if the file is trusted, raise the limit "
             "(predict.py --max-image-pixels)"
         ) from err
     return pixels, warning
+
+
+class ImageTooLargeError(DataError):
+    """An image of more pixels than allowed (`decode_image`'s ``max_pixels``, Pillow's limit)."""
 
 
 def allow_image_pixels(count: int) -> None:

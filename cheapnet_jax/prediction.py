@@ -89,18 +89,28 @@ def read_image(path: Path) -> tuple[np.ndarray, str | None]:
 
 def image_record(path: Path, found, index: int, warning: str | None) -> dict:
     """The JSON record of one image from a batch's detections (numpy)."""
+    height, width = found.masks[index].shape
+    defects = defect_list(found, index)
+    return _record(path, (height, width), defects, int(found.overflow[index]), warning)
+
+
+def defect_list(found, index: int) -> list[dict]:
+    """Image ``index``'s defects of a batch's detections (numpy), as every tool reports them:
+    ``{"box": [x1, y1, x2, y2], "area", "score"}`` in raster order."""
     valid = found.valid[index]
     rows = zip(found.stats[index][valid], found.scores[index][valid], strict=True)
-    defects = [_defect(row[:4], row[4], score) for row, score in rows]
-    height, width = found.masks[index].shape
-    return _record(path, (height, width), defects, int(found.overflow[index]), warning)
+    return [_defect(row[:4], row[4], score) for row, score in rows]
+
+
+def tiled_defect_list(found: TiledDetections) -> list[dict]:
+    """`defect_list` of an image detected in tiles."""
+    return [_defect((d.x1, d.y1, d.x2, d.y2), d.area, d.score) for d in found.defects]
 
 
 def tiled_image_record(path: Path, shape, found: TiledDetections, warning: str | None) -> dict:
     """The JSON record of one image detected in tiles: `image_record`'s fields, plus ``tiles``
     and, where a tile had more components than it measures, ``parts_left_out``."""
-    defects = [_defect((d.x1, d.y1, d.x2, d.y2), d.area, d.score) for d in found.defects]
-    record = _record(path, shape, defects, found.overflow, warning)
+    record = _record(path, shape, tiled_defect_list(found), found.overflow, warning)
     record["tiles"] = found.tiles
     if found.parts_left_out:
         record["parts_left_out"] = found.parts_left_out
@@ -134,20 +144,26 @@ def overlay_name(path: Path) -> str:
     return f"{path.stem}-{folder}.png"
 
 
-def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, record: Mapping) -> None:
-    """The image with the predicted mask tinted red and each box drawn with its area."""
+def render_overlay(image: np.ndarray, mask: np.ndarray, defects: list[dict]) -> bytes:
+    """PNG bytes: the image with the predicted mask tinted red and each defect's box drawn
+    with its area."""
     rgb = np.repeat(image[..., None], 3, axis=-1).astype(np.float32)
     rgb[mask] = 0.55 * rgb[mask] + 0.45 * np.array([255, 0, 0], np.float32)
     overlay = Image.fromarray(rgb.astype(np.uint8))
     draw = ImageDraw.Draw(overlay)
-    for defect in record["defects"]:
+    for defect in defects:
         x1, y1, x2, y2 = defect["box"]
         draw.rectangle((x1, y1, x2, y2), outline=(255, 255, 0), width=2)
         draw.text((x1, max(0, y1 - 12)), f"{defect['area']} px", fill=(255, 255, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
     encoded = io.BytesIO()
     overlay.save(encoded, format="PNG")
-    write_atomic(path, encoded.getvalue())
+    return encoded.getvalue()
+
+
+def write_overlay(path: Path, image: np.ndarray, mask: np.ndarray, record: Mapping) -> None:
+    """`render_overlay` of a record's defects, written atomically to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, render_overlay(image, mask, record["defects"]))
 
 
 def _decode(path: Path):

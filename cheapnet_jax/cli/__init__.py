@@ -44,24 +44,25 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
 def resolve_thresholds(args: argparse.Namespace, threshold: float, min_area: int) -> str:
     """Fill in ``args.threshold`` and ``args.min_area`` left unset (None): from the calibration
     of ``args.checkpoint`` when there is one (unless ``args.use_calibration`` is false), else
-    the defaults given; returns a line saying where each came from."""
-    from cheapnet_jax.calibration import read_calibration
+    the defaults given (`calibration.resolve_settings`); returns a line saying where each came
+    from."""
+    from cheapnet_jax.calibration import resolve_settings
     from cheapnet_jax.checkpoints import calibration_path
 
     calibration_file = calibration_path(args.checkpoint)
-    calibration = read_calibration(calibration_file) if args.use_calibration else None
-    defaults = {"threshold": threshold, "min_area": min_area}
+    settings = resolve_settings(
+        {"threshold": args.threshold, "min_area": args.min_area},
+        {"threshold": threshold, "min_area": min_area},
+        calibration_file if args.use_calibration else None,
+    )
+    flags = {"threshold": "--threshold", "min_area": "--min-area"}
     origins = []
-    for name, flag in (("threshold", "--threshold"), ("min_area", "--min-area")):
-        if getattr(args, name) is not None:
-            origin = flag
-        elif calibration is not None:
-            setattr(args, name, calibration[name])
-            origin = f"calibration {calibration_file}"
-        else:
-            setattr(args, name, defaults[name])
-            origin = "default"
-        origins.append(f"{name.replace('_', ' ')} {getattr(args, name)} ({origin})")
+    for name, setting in settings.items():
+        setattr(args, name, setting.value)
+        origin = {"given": flags[name], "calibration": f"calibration {calibration_file}"}.get(
+            setting.origin, setting.origin
+        )
+        origins.append(f"{name.replace('_', ' ')} {setting.value} ({origin})")
     return "using " + ", ".join(origins)
 
 

@@ -1,0 +1,171 @@
+"""``cheapnet-serve`` / ``python -m cheapnet_jax.serve``: the inspection service.
+
+    cheapnet-serve --checkpoint runs/demo --warm 512x512 --port 8000
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. SIGTERM (or Ctrl-C) stops taking new
+connections, answers the requests already in, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from cheapnet_jax import cli
+from cheapnet_jax.errors import SettingsError
+
+
+def warm_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """``512x512,256`` -> ((512, 512), (256, 256)); ``none`` for no warm-up."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(cli.image_shape(part.strip()) for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cheapnet_jax.serve.app import ServiceOptions
+    from cheapnet_jax.serve.inspector import InspectorOptions
+
+    parser = cli.parser(
+        "cheapnet-serve",
+        "Serve a CheapNet detector over HTTP: POST /v1/inspect, GET /v1/model, /healthz, "
+        "/readyz, /metrics, and a page at /.",
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
+    add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    add("--port", type=int, default=8000, help="port to bind")
+    add(
+        "--threshold",
+        type=cli.probability,
+        help="default pixel threshold (none: the checkpoint's calibration, else 0.5)",
+    )
+    add(
+        "--min-area",
+        type=cli.non_negative,
+        help="default smallest defect in pixels (none: the checkpoint's calibration, else 0)",
+    )
+    add(
+        "--no-calibration",
+        dest="use_calibration",
+        action="store_false",
+        help="ignore the checkpoint's calibration",
+    )
+    add(
+        "--normalization",
+        type=cli.normalization,
+        help="mean,std of pixel/255 (none: the checkpoint's own, else the authors')",
+    )
+    add("--max-batch", type=cli.count, default=InspectorOptions.max_batch, help="images per call")
+    add(
+        "--max-wait-ms",
+        type=cli.finite,
+        default=ServiceOptions.max_wait_ms,
+        help="how long the first image of a batch waits for others",
+    )
+    add(
+        "--max-queue",
+        type=cli.count,
+        default=ServiceOptions.max_queue,
+        help="images waiting at most; beyond, 503 with Retry-After",
+    )
+    add(
+        "--warm",
+        type=warm_sizes,
+        default=ServiceOptions.warm,
+        help="image sizes (N or HxW, comma-separated, or none) compiled before /readyz is "
+        "ready (default 512x512)",
+    )
+    add(
+        "--max-image-pixels",
+        type=cli.count,
+        default=ServiceOptions.max_image_pixels,
+        help="refuse larger images (413)",
+    )
+    add(
+        "--max-body-bytes",
+        type=cli.count,
+        default=ServiceOptions.max_body_bytes,
+        help="refuse larger bodies (413), before reading them",
+    )
+    add(
+        "--tile-above",
+        type=cli.non_negative,
+        default=InspectorOptions.tile_above,
+        help="images of more pixels go through exact tiles",
+    )
+    add("--max-components", type=cli.count, default=InspectorOptions.max_components)
+    add("--dtype", choices=["float32", "bfloat16"], default="float32", help="activations")
+    add("--impl", choices=["auto", "lax", "fused"], default="auto", help="layer implementation")
+    add("--token-file", help="a file holding the bearer token every request must carry")
+    add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def _read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise SettingsError(f"--token-file {path}: empty")
+    return token
+
+
+def _main(argv: list[str]) -> int:
+    import uvicorn
+
+    from cheapnet_jax.calibration import resolve_settings
+    from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization
+    from cheapnet_jax.serve.app import ServiceOptions, create_app
+    from cheapnet_jax.serve.inspector import Inspector, InspectorOptions
+
+    args = build_parser().parse_args(argv)
+    if args.max_wait_ms < 0:
+        raise SettingsError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
+    token = _read_token(args.token_file)
+    loaded = load_checkpoint(args.checkpoint, args.impl)
+    defaults = resolve_settings(
+        {"threshold": args.threshold, "min_area": args.min_area},
+        {"threshold": 0.5, "min_area": 0},
+        calibration_path(args.checkpoint) if args.use_calibration else None,
+    )
+    inspector = Inspector(
+        args.checkpoint,
+        loaded,
+        resolve_normalization(args.normalization, loaded),
+        defaults,
+        InspectorOptions(
+            max_batch=args.max_batch,
+            max_components=args.max_components,
+            dtype=args.dtype,
+            tile_above=args.tile_above,
+        ),
+    )
+    app = create_app(
+        inspector,
+        ServiceOptions(
+            max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue,
+            max_body_bytes=args.max_body_bytes,
+            max_image_pixels=args.max_image_pixels,
+            warm=args.warm,
+            token=token,
+        ),
+    )
+    settings = ", ".join(f"{name} {s.value} ({s.origin})" for name, s in defaults.items())
+    print(f"serving {loaded.source} on http://{args.host}:{args.port} ({settings})", flush=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    )
+    # uvicorn drains on SIGTERM, then raises the signal again with the handler it found: with
+    # this one in place that ends the process normally (exit 0) after the drain.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command's exit status (see `cheapnet_jax.cli.run`)."""
+    return cli.run(_main, sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,462 @@
+"""The inspection service's HTTP side (FastAPI): routes, limits, authentication, metrics.
+
+    POST /v1/inspect   one image (raw body or multipart) -> verdict and defects
+    GET  /v1/model     what answers: variant, G, normalisation, calibration, checkpoint, digest
+    GET  /healthz      the process is up (open without a token)
+    GET  /readyz       the model is loaded and compiled for the warm sizes (503 until then)
+    GET  /metrics      Prometheus text
+    GET  /             a page for a person at the line (open; it asks for the token if needed)
+
+Every error is ``{"error": "<what was wrong>"}`` with a 4xx status (5xx only for the server's
+own failures); the next request is served as if nothing happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import io
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cheapnet_jax.calibration import Setting, read_calibration
+from cheapnet_jax.checkpoints import calibration_path
+from cheapnet_jax.data import DataError, ImageTooLargeError, decode_image
+from cheapnet_jax.prediction import render_overlay
+from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError
+from cheapnet_jax.serve.inspector import Inspection, Inspector, variant_name
+
+API_VERSION = "v1"
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """The service's limits and batching (its flags)."""
+
+    max_wait_ms: float = 5.0
+    max_queue: int = 64
+    max_body_bytes: int = 64 * 2**20
+    max_image_pixels: int = 8192 * 8192
+    warm: tuple[tuple[int, int], ...] = ((512, 512),)
+    token: str | None = None  # bearer token; None: no authentication
+    retry_after_s: int = 1
+
+
+class ApiError(Exception):
+    """A request the service refuses: its status and the one line saying why."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _Metrics:
+    """The service's Prometheus metrics, on a registry of its own (one per app)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cheapnet_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cheapnet_inspect_latency_seconds",
+            "POST /v1/inspect: from the request's arrival to its answer",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "cheapnet_batch_size",
+            "images per device call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "cheapnet_queue_depth", "images waiting for a batch", registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "cheapnet_images_in_flight", "images in a device call", registry=self.registry
+        )
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is refused (413) from its Content-Length
+    before it is read, or as soon as the bytes received pass the limit (chunked bodies)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = _error(413, f"body of {int(declared):,} bytes: at most {self.limit:,}")
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise ApiError(413, f"body over {self.limit:,} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+class _CountRequests:
+    """ASGI middleware: count each answer by route and status. (Pure ASGI: Starlette's
+    BaseHTTPMiddleware would hide a client's disconnection from the routes.)"""
+
+    def __init__(self, app, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.counter.labels(path, str(status[0]) if status else "none").inc()
+
+
+async def _read_image_bytes(request: Request) -> tuple[bytes, str]:
+    """The uploaded image's bytes and a name for messages: a raw body (``image/*`` or
+    ``application/octet-stream``) or the first file of a multipart form."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except ApiError:
+            raise
+        except Exception as err:  # python-multipart's and starlette's parse errors
+            raise ApiError(400, f"multipart body: cannot parse ({err})") from err
+        files = [value for value in form.values() if hasattr(value, "read")]
+        if not files:
+            raise ApiError(400, "multipart body: no file part (send the image as a file)")
+        upload = files[0]
+        return await upload.read(), f"uploaded file {upload.filename!r}"
+    if not content_type.startswith(RAW_TYPES):
+        raise ApiError(
+            415,
+            f"Content-Type {content_type or 'missing'!r}: send the image as image/png (or "
+            "another image/* type), application/octet-stream or multipart/form-data",
+        )
+    return await request.body(), "request body"
+
+
+def _decode(payload: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, str | None]:
+    if not payload:
+        raise ApiError(400, f"{name}: empty: no image was sent")
+    try:
+        return decode_image(
+            io.BytesIO(payload), name, convert_to_grayscale=True, max_pixels=max_pixels
+        )
+    except ImageTooLargeError as err:
+        raise ApiError(413, str(err)) from err
+    except DataError as err:
+        status = 422 if "image mode" in str(err) else 400
+        raise ApiError(status, str(err)) from err
+
+
+def model_description(inspector: Inspector) -> dict:
+    """``GET /v1/model``: what answers the requests."""
+    loaded = inspector.loaded
+    features = loaded.model.features
+    calibration_file = calibration_path(inspector.checkpoint)
+    return {
+        "variant": variant_name(features),
+        "features": features,
+        "parameters": 137 * features + 3,
+        "checkpoint": loaded.source,
+        "checkpoint_path": str(inspector.checkpoint),
+        "weights_digest": inspector.digest,
+        "normalization": {
+            "mean": inspector.normalization.mean,
+            "std": inspector.normalization.std,
+        },
+        "calibration": read_calibration(calibration_file),
+        "calibration_file": str(calibration_file) if calibration_file.is_file() else None,
+        "defaults": {
+            name: _setting(None, setting, calibration_file)
+            for name, setting in inspector.defaults.items()
+        },
+        "dtype": inspector.options.dtype,
+        "max_batch": inspector.options.max_batch,
+        "max_components": inspector.options.max_components,
+        "devices": [str(device) for device in inspector.devices],
+    }
+
+
+def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions()) -> FastAPI:
+    """The service of ``inspector``'s model (run it with uvicorn)."""
+    metrics = _Metrics()
+    state = {"ready": False, "warmed": [], "warm_error": None}
+    batcher_box: dict[str, DynamicBatcher] = {}
+
+    def run_batch(worker: int, key, items) -> list[Inspection]:
+        _, threshold, min_area, tiled = key
+        keep = any(overlay for _, overlay in items)
+        if tiled:  # one image at a time, in tiles
+            return [
+                inspector.inspect_tiled(worker, image, threshold, min_area, keep)
+                for image, _ in items
+            ]
+        images = [image for image, _ in items]
+        return inspector.inspect_batch(worker, images, threshold, min_area, keep)
+
+    async def warm_up() -> None:
+        try:
+            for shape in options.warm:
+                await asyncio.to_thread(inspector.warm, shape)
+                state["warmed"].append(f"{shape[0]}x{shape[1]}")
+            state["ready"] = True
+        except Exception as err:  # reported by /readyz; the service keeps answering
+            state["warm_error"] = f"{type(err).__name__}: {err}"
+            raise
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher = DynamicBatcher(
+            run_batch,
+            workers=len(inspector.devices),
+            max_batch=inspector.options.max_batch,
+            max_wait_s=options.max_wait_ms / 1000,
+            max_queue=options.max_queue,
+            on_batch=metrics.batch_size.observe,
+            on_queue=metrics.queue_depth.set,
+            on_in_flight=metrics.in_flight.set,
+        )
+        batcher.start()
+        batcher_box["batcher"] = batcher
+        warming = asyncio.get_running_loop().create_task(warm_up())
+        try:
+            yield
+        finally:
+            # uvicorn has drained the open requests; serve what is left, then stop.
+            await batcher.close()
+            warming.cancel()
+
+    app = FastAPI(
+        title="cheapnet-serve",
+        summary="CheapNet defect inspection: one image in, the verdict and its defects out.",
+        version=API_VERSION,
+        lifespan=lifespan,
+    )
+    app.add_middleware(_BodyLimit, limit=options.max_body_bytes)
+    token = options.token.encode() if options.token else None
+
+    async def authorized(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token):
+            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorized)]
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return _error(err.status, err.message, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(part) for part in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+            for e in err.errors()
+        ]
+        return _error(422, "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
+
+    app.add_middleware(_CountRequests, counter=metrics.requests)
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Loaded and compiled for the warm sizes", dependencies=auth)
+    async def readyz() -> JSONResponse:
+        body = {
+            "ready": state["ready"],
+            "warm": [f"{h}x{w}" for h, w in options.warm],
+            "compiled": state["warmed"],
+        }
+        if state["warm_error"]:
+            body["error"] = state["warm_error"]
+        return JSONResponse(body, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", dependencies=auth)
+    async def prometheus_metrics() -> Response:
+        batcher = batcher_box.get("batcher")
+        if batcher is not None:
+            metrics.queue_depth.set(batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(f"/{API_VERSION}/model", summary="The model that answers", dependencies=auth)
+    async def model() -> dict:
+        return model_description(inspector)
+
+    @app.post(
+        f"/{API_VERSION}/inspect",
+        summary="Inspect one image",
+        description="The image as the raw body (image/png, image/bmp, image/tiff, image/jpeg or "
+        "application/octet-stream) or as the file of a multipart form. Answers the verdict "
+        "(NG when any defect), the defects (box [x1, y1, x2, y2] inclusive, area in pixels, "
+        "score = mean probability), the settings used and where each came from, the model and "
+        "the time spent; with overlay=true also a PNG overlay, base64.",
+        dependencies=auth,
+    )
+    async def inspect(
+        request: Request,
+        threshold: Annotated[
+            float | None, Query(gt=0, lt=1, description="default: the calibration's, else 0.5")
+        ] = None,
+        min_area: Annotated[
+            int | None, Query(ge=0, description="default: the calibration's, else 0")
+        ] = None,
+        overlay: Annotated[bool, Query(description="return a PNG overlay (base64)")] = False,
+    ) -> JSONResponse:
+        arrived = time.monotonic()
+        payload, name = await _read_image_bytes(request)
+        image, warning = await asyncio.to_thread(_decode, payload, name, options.max_image_pixels)
+        decoded = time.monotonic()
+        calibration_file = calibration_path(inspector.checkpoint)
+        settings = {
+            "threshold": _setting(threshold, inspector.defaults["threshold"], calibration_file),
+            "min_area": _setting(min_area, inspector.defaults["min_area"], calibration_file),
+        }
+        key = (
+            image.shape,
+            float(settings["threshold"]["value"]),
+            int(settings["min_area"]["value"]),
+            inspector.tiled(image.shape),
+        )
+        batcher = batcher_box["batcher"]
+        try:
+            served = await _unless_disconnected(request, batcher.submit(key, (image, overlay)))
+        except QueueFullError as err:
+            raise ApiError(
+                503, f"busy: {err}", {"Retry-After": str(options.retry_after_s)}
+            ) from err
+        if served is None:
+            return Response(status_code=CLIENT_GONE)
+        found, batch = served
+        answer = {
+            "verdict": "NG" if found.defects else "OK",
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "defects": found.defects,
+            "components_left_out": found.components_left_out,
+            "warning": warning,
+            "settings": {
+                **settings,
+                "normalization": {
+                    "mean": inspector.normalization.mean,
+                    "std": inspector.normalization.std,
+                },
+            },
+            "model": {
+                "variant": variant_name(inspector.loaded.model.features),
+                "features": inspector.loaded.model.features,
+                "weights_digest": inspector.digest,
+            },
+            "batch_size": batch.size,
+        }
+        if found.tiles is not None:
+            answer["tiles"] = found.tiles
+        if overlay:
+            if found.mask is None:
+                answer["overlay_png"] = None
+            else:
+                png = await asyncio.to_thread(render_overlay, image, found.mask, found.defects)
+                answer["overlay_png"] = base64.b64encode(png).decode()
+        answer["timing_ms"] = {
+            "decode": round(1000 * (decoded - arrived), 3),
+            "queue": round(1000 * batch.queued_s, 3),
+            "compute": round(1000 * batch.compute_s, 3),
+            "total": round(1000 * (time.monotonic() - arrived), 3),
+        }
+        metrics.latency.observe(time.monotonic() - arrived)
+        return JSONResponse(answer)
+
+    page = resources.files("cheapnet_jax.serve").joinpath("static/index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page.replace("{{API_VERSION}}", json.dumps(API_VERSION)))
+
+    return app
+
+
+def _setting(value, default: Setting, calibration_file) -> dict:
+    """A request's setting and where it came from: the request, the service's flag, the
+    checkpoint's calibration (its file) or the default."""
+    if value is not None:
+        return {"value": value, "source": "request"}
+    source = {"given": "service flag", "calibration": f"calibration {calibration_file}"}
+    return {"value": default.value, "source": source.get(default.origin, default.origin)}
+
+
+CLIENT_GONE = 499
+"""The status logged for a request whose client went away before its answer (nginx's)."""
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work``; if the client goes away first, cancel it (its image leaves the queue)
+    and return None."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return None
+    finally:
+        if not task.done():
+            task.cancel()

@@ -1,0 +1,573 @@
+"""The inspection service: dynamic batching (a fake device, known answers), the API against
+predict.py's own answers on the real samples, bad input, authentication, backpressure, metrics,
+and the command line as a line runs it (a new process on 127.0.0.1: readiness, a client that
+gives up, SIGTERM with requests in flight) and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SAMPLES, checkpoint_path, cli_env
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the service needs the 'serve' extra")
+httpx = pytest.importorskip("httpx", reason="the service's tests need httpx")
+
+from cheapnet_jax.calibration import resolve_settings  # noqa: E402
+from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization  # noqa: E402
+from cheapnet_jax.model import CheapNet, init_variables  # noqa: E402
+from cheapnet_jax.prediction import PredictOptions, predict_files, read_records  # noqa: E402
+from cheapnet_jax.serve.app import ServiceOptions, create_app  # noqa: E402
+from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError  # noqa: E402
+from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic batching, with a fake device that records what it was given.
+
+
+class FakeDevice:
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[object, list]] = []
+        self.delay = delay
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, worker, key, items):
+        self.release.wait(10)
+        time.sleep(self.delay)
+        self.calls.append((key, list(items)))
+        return [f"{key}:{item}" for item in items]
+
+
+def test_concurrent_requests_share_batches_of_one_key_up_to_max_batch():
+    device = FakeDevice()
+
+    async def scenario():
+        device.release.clear()  # the first batch holds the only worker while the rest gather
+        batcher = DynamicBatcher(device, workers=1, max_batch=4, max_wait_s=0.05)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit("a", 0))
+        await asyncio.sleep(0.2)
+        rest = [asyncio.ensure_future(batcher.submit("a", i)) for i in range(1, 7)]
+        rest.append(asyncio.ensure_future(batcher.submit("b", 9)))
+        await asyncio.sleep(0.05)
+        device.release.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r for r, _ in results] == [f"a:{i}" for i in range(7)] + ["b:9"]
+    batches = [(key, items) for key, items in device.calls]
+    assert batches[0] == ("a", [0])
+    assert ("a", [1, 2, 3, 4]) in batches and ("a", [5, 6]) in batches and ("b", [9]) in batches
+    sizes = {r: info.size for r, info in results}
+    assert sizes["a:1"] == 4 and sizes["a:6"] == 2 and sizes["b:9"] == 1
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    device = FakeDevice()
+
+    async def scenario():
+        batcher = DynamicBatcher(device, workers=1, max_batch=8, max_wait_s=0.1)
+        batcher.start()
+        started = time.monotonic()
+        result, info = await batcher.submit("a", 1)
+        waited = time.monotonic() - started
+        await batcher.close()
+        return result, info, waited
+
+    result, info, waited = asyncio.run(scenario())
+    assert result == "a:1" and info.size == 1
+    assert info.queued_s >= 0.09 and waited < 2
+
+
+def test_a_full_queue_refuses_and_a_cancelled_request_leaves_no_work():
+    device = FakeDevice()
+
+    async def scenario():
+        device.release.clear()
+        batcher = DynamicBatcher(device, workers=1, max_batch=1, max_wait_s=0, max_queue=2)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit("a", "running"))
+        await asyncio.sleep(0.1)  # dispatched: holds the worker
+        waiting = [asyncio.ensure_future(batcher.submit("a", n)) for n in ("x", "gone")]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await batcher.submit("a", "one too many")
+        waiting[1].cancel()  # the client gave up
+        await asyncio.sleep(0.05)
+        assert batcher.depth == 1
+        device.release.set()
+        served = await asyncio.gather(running, waiting[0])
+        await batcher.close()
+        return served
+
+    served = asyncio.run(scenario())
+    assert [r for r, _ in served] == ["a:running", "a:x"]
+    assert [items for _, items in device.calls] == [["running"], ["x"]]
+
+
+def test_close_serves_everything_submitted():
+    device = FakeDevice(delay=0.05)
+
+    async def scenario():
+        batcher = DynamicBatcher(device, workers=2, max_batch=2, max_wait_s=1.0)
+        batcher.start()
+        tasks = [asyncio.ensure_future(batcher.submit(i % 3, i)) for i in range(9)]
+        await asyncio.sleep(0)
+        await batcher.close()  # does not wait max_wait: closing sends every batch now
+        return [t.result()[0] for t in tasks]
+
+    assert asyncio.run(scenario()) == [f"{i % 3}:{i}" for i in range(9)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The API, in process (httpx on the ASGI app, its lifespan run as uvicorn runs it).
+
+
+def random_checkpoint(folder: Path, seed: int = 0, features: int = 2) -> Path:
+    pytest.importorskip("torch", reason="writing a .pkl checkpoint needs torch")
+    from cheapnet_jax.torch_import import save_torch_checkpoint
+
+    variables = init_variables(CheapNet(features=features), jax.random.key(seed))
+    path = folder / f"random-{seed}.pkl"
+    save_torch_checkpoint(variables, path)
+    return path
+
+
+def make_inspector(checkpoint, threshold=None, min_area=None, cls=Inspector, devices=1, **options):
+    """The service's inspector of ``checkpoint`` on the first ``devices`` of this process's 8
+    simulated CPU devices (each device compiles its own programs)."""
+    loaded = load_checkpoint(checkpoint)
+    defaults = resolve_settings(
+        {"threshold": threshold, "min_area": min_area},
+        {"threshold": 0.5, "min_area": 0},
+        calibration_path(checkpoint),
+    )
+    normalization = resolve_normalization(None, loaded)
+    options = InspectorOptions(**options)
+    return cls(checkpoint, loaded, normalization, defaults, options, jax.local_devices()[:devices])
+
+
+def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def serve(app, scenario):
+    """Run ``scenario(client)`` against ``app`` with its lifespan, as uvicorn would."""
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                for _ in range(600):  # warm-up compiles in the background
+                    if (await client.get("/readyz", headers=getattr(app, "auth", {}))).is_success:
+                        break
+                    await asyncio.sleep(0.1)
+                return await scenario(client)
+
+    return asyncio.run(main())
+
+
+def test_the_service_answers_what_predict_answers_on_the_real_samples(samples_folder, tmp_path):
+    # A copy of the authors' G=2 with a calibration beside it: the defaults come from it.
+    checkpoint = tmp_path / "CheapNet_G2.pkl"
+    shutil.copy(checkpoint_path(2), checkpoint)
+    calibration_path(checkpoint).write_text(json.dumps({"threshold": 0.6, "min_area": 3}))
+    images = sorted(samples_folder.glob("*.PNG"))
+    assert len(images) == 10
+    inspector = make_inspector(checkpoint, max_batch=4, devices=2)  # a batch per device
+    app = create_app(inspector, ServiceOptions(warm=((512, 512),), max_wait_ms=50))
+
+    async def scenario(client):
+        async def post(path, **params):
+            headers = {"content-type": "image/png"}
+            response = await client.post(
+                "/v1/inspect", content=path.read_bytes(), params=params, headers=headers
+            )
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        default = await asyncio.gather(*(post(path) for path in images))
+        chosen = await asyncio.gather(*(post(path, threshold=0.8, min_area=40) for path in images))
+        return default, chosen
+
+    default, chosen = serve(app, scenario)
+    for answers, threshold, min_area in ((default, 0.6, 3), (chosen, 0.8, 40)):
+        out = tmp_path / f"predict-{threshold}"
+        options = PredictOptions(threshold=threshold, min_area=min_area, progress=False)
+        predict_files(load_checkpoint(checkpoint), images, out, inspector.normalization, options)
+        records = {Path(r["file"]).name: r for r in read_records(out)}
+        for path, answer in zip(images, answers, strict=True):
+            record = records[path.name]
+            assert answer["verdict"] == record["verdict"]
+            assert [(d["box"], d["area"]) for d in answer["defects"]] == [
+                (d["box"], d["area"]) for d in record["defects"]
+            ]
+            scores = [d["score"] for d in answer["defects"]]
+            np.testing.assert_allclose(scores, [d["score"] for d in record["defects"]], atol=2e-6)
+    assert default[0]["settings"]["threshold"] == {
+        "value": 0.6,
+        "source": f"calibration {calibration_path(checkpoint)}",
+    }
+    assert chosen[0]["settings"]["min_area"] == {"value": 40, "source": "request"}
+    assert max(answer["batch_size"] for answer in default + chosen) > 1  # requests shared calls
+    assert all(answer["defects"] for answer in default)  # every sample has its defect
+
+
+@pytest.fixture(scope="module")
+def random_pkl(tmp_path_factory) -> Path:
+    return random_checkpoint(tmp_path_factory.mktemp("random"))
+
+
+def bad_requests() -> list[tuple[str, dict, int, str]]:
+    """(name, httpx request arguments, status, words of the message)."""
+    good = png_bytes(np.full((32, 32), 128, np.uint8))
+    sixteen_bit = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 4000, np.uint16)).save(sixteen_bit, format="PNG")
+    png = {"content-type": "image/png"}
+    form = b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\nb\r\n--b--\r\n'
+    form_type = "multipart/form-data; boundary=b"
+    return [
+        ("empty", dict(content=b"", headers=png), 400, "empty"),
+        ("truncated", dict(content=good[: len(good) // 2], headers=png), 400, "cannot decode"),
+        ("not an image", dict(content=b"hello, world" * 10, headers=png), 400, "cannot decode"),
+        ("16-bit", dict(content=sixteen_bit.getvalue(), headers=png), 422, "16-bit"),
+        ("json", dict(content=b"{}", headers={"content-type": "application/json"}), 415, "image/"),
+        ("no type", dict(content=good), 415, "Content-Type"),
+        ("bytes", dict(content=b"\0" * 5000, headers=png), 413, "at most 4,000"),
+        (
+            "pixels",
+            dict(content=png_bytes(np.zeros((65, 64), np.uint8)), headers=png),
+            413,
+            "4,160",
+        ),
+        ("threshold", dict(content=good, headers=png, params={"threshold": 2}), 422, "threshold"),
+        ("min_area", dict(content=good, headers=png, params={"min_area": "x"}), 422, "min_area"),
+        ("no file", dict(content=form, headers={"content-type": form_type}), 400, "no file part"),
+    ]
+
+
+def test_bad_input_gets_a_4xx_naming_it_and_the_next_request_is_served(random_pkl):
+    inspector = make_inspector(random_pkl, max_batch=2)
+    options = ServiceOptions(warm=((32, 32),), max_body_bytes=4000, max_image_pixels=4096)
+    app = create_app(inspector, options)
+    good = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
+
+    async def scenario(client):
+        answers = []
+        for name, request, _, _ in bad_requests():
+            bad = await client.post("/v1/inspect", **request)
+            after = await client.post(
+                "/v1/inspect", content=good, headers={"content-type": "image/png"}
+            )
+            answers.append((name, bad.status_code, bad.json(), after.status_code))
+        return answers
+
+    for (name, status, body, after), (_, _, want_status, words) in zip(
+        serve(app, scenario), bad_requests(), strict=True
+    ):
+        assert (name, status) == (name, want_status), body
+        assert words in body["error"], (name, body)
+        assert after == 200, name
+
+
+def test_multipart_with_an_overlay_and_a_colour_image(random_pkl):
+    inspector = make_inspector(random_pkl, threshold=0.5)
+    app = create_app(inspector, ServiceOptions(warm=()))
+    colour = np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+
+    async def scenario(client):
+        files = {"image": ("part.png", png_bytes(colour), "image/png")}
+        response = await client.post("/v1/inspect", files=files, params={"overlay": "true"})
+        return response.status_code, response.json()
+
+    status, body = serve(app, scenario)
+    assert status == 200, body
+    assert (body["width"], body["height"]) == (56, 40)
+    assert "converted from mode 'RGB'" in body["warning"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert overlay.size == (56, 40) and overlay.mode == "RGB"
+    assert body["settings"]["threshold"] == {"value": 0.5, "source": "service flag"}
+    assert set(body["timing_ms"]) == {"decode", "queue", "compute", "total"}
+
+
+def test_a_bearer_token_guards_everything_but_health_and_the_page(random_pkl):
+    inspector = make_inspector(random_pkl)
+    app = create_app(inspector, ServiceOptions(warm=(), token="s3cret"))
+    app.auth = {"authorization": "Bearer s3cret"}
+    image = png_bytes(np.zeros((16, 16), np.uint8))
+
+    async def scenario(client):
+        png = {"content-type": "image/png"}
+        return {
+            "health": (await client.get("/healthz")).status_code,
+            "page": (await client.get("/")).status_code,
+            "none": (await client.post("/v1/inspect", content=image, headers=png)).status_code,
+            "wrong": (
+                await client.post(
+                    "/v1/inspect",
+                    content=image,
+                    headers={**png, "authorization": "Bearer s3cre"},
+                )
+            ).status_code,
+            "model": (await client.get("/v1/model")).status_code,
+            "metrics": (await client.get("/metrics")).status_code,
+            "right": (
+                await client.post("/v1/inspect", content=image, headers={**png, **app.auth})
+            ).status_code,
+        }
+
+    assert serve(app, scenario) == {
+        "health": 200,
+        "page": 200,
+        "none": 401,
+        "wrong": 401,
+        "model": 401,
+        "metrics": 401,
+        "right": 200,
+    }
+
+
+class HeldInspector(Inspector):
+    """An inspector whose device calls wait for ``release``: a service under load."""
+
+    release = threading.Event()
+
+    def inspect_batch(self, *args, **kwargs):
+        self.release.wait(30)
+        return super().inspect_batch(*args, **kwargs)
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(random_pkl):
+    inspector = make_inspector(random_pkl, cls=HeldInspector, max_batch=1)
+    app = create_app(inspector, ServiceOptions(warm=(), max_queue=2, max_wait_ms=0))
+    image = png_bytes(np.zeros((16, 16), np.uint8))
+    HeldInspector.release.clear()
+
+    async def scenario(client):
+        def post():
+            return client.post("/v1/inspect", content=image, headers={"content-type": "image/png"})
+
+        held = [asyncio.ensure_future(post())]  # running: holds the only worker
+        await asyncio.sleep(0.3)
+        held += [asyncio.ensure_future(post()) for _ in range(2)]  # waiting: the queue is full
+        await asyncio.sleep(0.3)
+        refused = await post()
+        HeldInspector.release.set()
+        answered = await asyncio.gather(*held)
+        metrics = (await client.get("/metrics")).text
+        return refused, answered, metrics
+
+    refused, answered, metrics = serve(app, scenario)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "waiting" in refused.json()["error"]
+    assert [a.status_code for a in answered] == [200, 200, 200]
+    assert 'cheapnet_requests_total{route="/v1/inspect",status="503"} 1.0' in metrics
+    assert 'cheapnet_requests_total{route="/v1/inspect",status="200"} 3.0' in metrics
+    assert "cheapnet_batch_size_count 3.0" in metrics
+    assert "cheapnet_queue_depth 0.0" in metrics
+
+
+def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
+    from cheapnet_jax.serve.inspector import weights_digest
+    from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint
+
+    _, variables = load_torch_checkpoint(random_pkl)
+    save_torch_checkpoint(variables, tmp_path / "copy.pkl")  # the same weights, another file
+    other = random_checkpoint(tmp_path, seed=1)
+    app = create_app(make_inspector(random_pkl, min_area=7), ServiceOptions(warm=()))
+
+    async def scenario(client):
+        return (await client.get("/v1/model")).json()
+
+    model = serve(app, scenario)
+    assert (model["variant"], model["features"], model["parameters"]) == ("S", 2, 277)
+    assert model["checkpoint_path"] == str(random_pkl)
+    assert model["normalization"] == {"mean": 0.348, "std": 0.278}
+    assert model["defaults"]["min_area"] == {"value": 7, "source": "service flag"}
+    assert model["defaults"]["threshold"] == {"value": 0.5, "source": "default"}
+    assert model["calibration"] is None
+    assert model["weights_digest"] == weights_digest(
+        load_torch_checkpoint(tmp_path / "copy.pkl")[1]
+    )
+    assert model["weights_digest"] != weights_digest(load_torch_checkpoint(other)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, as a line runs it: a new process, its own environment, 127.0.0.1.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``python -m cheapnet_jax.serve`` in a process of its own."""
+
+    def __init__(self, *args: str, token: str | None = None, cwd: Path = REPO_ROOT):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"authorization": f"Bearer {token}"} if token else {}
+        command = [sys.executable, "-m", "cheapnet_jax.serve", "--port", str(self.port), *args]
+        self.process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()
+            try:
+                if httpx.get(f"{self.url}/readyz", headers=self.headers).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the service was not ready in time")
+
+    def stop(self) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=60)
+        return self.process.returncode, output
+
+
+def test_served_from_the_command_line_drains_on_sigterm(random_pkl, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("line-7-token\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    relative = os.path.relpath(random_pkl, elsewhere)
+    server = Server(
+        "--checkpoint", relative, "--token-file", str(token_file), "--warm", "32x48",
+        "--max-wait-ms", "600", "--max-batch", "4",
+        token="line-7-token", cwd=elsewhere,
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        image = png_bytes(np.random.default_rng(2).integers(0, 256, (32, 48), dtype=np.uint8))
+        png = {"content-type": "image/png"}
+        post = f"{server.url}/v1/inspect"
+        assert httpx.post(post, content=image, headers=png).status_code == 401
+        first = httpx.post(post, content=image, headers={**png, **server.headers})
+        assert first.status_code == 200, first.text
+        assert first.json()["model"]["features"] == 2
+
+        def batches() -> float:
+            text = httpx.get(f"{server.url}/metrics", headers=server.headers).text
+            line = next(x for x in text.splitlines() if x.startswith("cheapnet_batch_size_count"))
+            return float(line.split()[-1])
+
+        # A client that gives up while its image waits for a batch leaves no work behind.
+        before = batches()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(post, content=image, headers={**png, **server.headers}, timeout=0.2)
+        time.sleep(1.5)
+        assert batches() == before
+
+        # SIGTERM with requests in flight (waiting for their batch): all answered, exit 0.
+        answers = []
+
+        def client():
+            answers.append(httpx.post(post, content=image, headers={**png, **server.headers}))
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        status, output = server.stop()
+        for thread in threads:
+            thread.join(30)
+        assert status == 0, output
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert all(a.json()["defects"] == first.json()["defects"] for a in answers)
+        assert "Traceback" not in output
+    finally:
+        server.stop()
+
+
+def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path):
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    cases = [
+        (["--checkpoint", str(tmp_path / "none.pkl")], "none.pkl"),
+        (["--checkpoint", "x.pkl", "--warm", "12x"], "--warm"),
+        (["--checkpoint", "x.pkl", "--token-file", str(empty)], "--token-file"),
+    ]
+    for args, words in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "cheapnet_jax.serve", *args],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            cwd=REPO_ROOT,
+            timeout=120,
+        )
+        assert result.returncode in (1, 2), result.stderr
+        assert words in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, in Debian's Chromium driven by Playwright (no browser download).
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt)")
+def test_the_page_shows_the_overlay_and_defects_and_a_bad_file_s_error(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright")
+    if (SAMPLES / "Label" / "Labels.txt").is_file():
+        checkpoint, sample = checkpoint_path(2), sorted(SAMPLES.glob("*.PNG"))[0]
+    else:  # a random model with a threshold low enough to find defects
+        checkpoint, sample = random_checkpoint(tmp_path), tmp_path / "sample.png"
+        sample.write_bytes(png_bytes(np.random.default_rng(3).integers(0, 256, (64, 64), np.uint8)))
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    server = Server("--checkpoint", str(checkpoint), "--warm", "none", "--threshold", "0.3")
+    try:
+        server.wait_ready()
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("#model:has-text('G = 2')")
+            page.set_input_files("#file", str(sample))
+            page.wait_for_selector("tr.defect", timeout=120_000)
+            assert page.is_visible("#overlay")
+            assert page.inner_text("#verdict") == "NG"
+            assert "threshold 0.3 (service flag)" in page.inner_text("#settings")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            page.set_input_files("#file", str(bad))
+            page.wait_for_selector("#error:has-text('error 400')")
+            assert "cannot decode" in page.inner_text("#error")
+            assert page.is_hidden("#overlay")
+            browser.close()
+    finally:
+        status, output = server.stop()
+    assert status == 0, output
