@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # that the 'torch' extra's range is already satisfied and pulls no multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-core demo test lint
+.PHONY: install install-core demo test test-fast lint
 
 install-core: $(VENV)/.core-installed
 install: $(VENV)/.installed
@@ -45,3 +45,7 @@ lint: install
 # cores run it in about two thirds of the time.
 test: lint
 	$(BIN)/python -m pytest -n 2
+
+# The unit tests alone: no CLI, server or multi-process run, none of the slow reproductions.
+test-fast: install
+	$(BIN)/python -m pytest -n 2 -m "not process and not slow"

@@ -1,6 +1,6 @@
 """Export a checkpoint for deployment: ONNX, StableHLO (jax.export) or the authors' torch format.
 
-    python -m cheapnet_jax.export --checkpoint runs/demo --format onnx --out cheapnet.onnx
+    python -m cheapnet_jax.cli.export --checkpoint runs/demo --format onnx --out cheapnet.onnx
     cheapnet-export --checkpoint runs/demo --format onnx --out cheapnet.onnx
 
 - ``onnx``: a graph written directly with `onnx.helper` from the authors' tensor layout (Conv,
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -348,11 +347,3 @@ def export_pipeline(
 def parity_path(artifact: Path) -> Path:
     """Where the parity report of an artifact is written: ``<artifact>.parity.json``."""
     return artifact.with_name(artifact.name + ".parity.json")
-
-
-if __name__ == "__main__":
-    # `python -m cheapnet_jax.export`: the command-line tool (imported here, not above, since
-    # the command module imports this one).
-    from cheapnet_jax.cli.export import main
-
-    sys.exit(main())

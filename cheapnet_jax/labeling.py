@@ -26,6 +26,7 @@ exported from a CPU host for a GPU carries no host callback). Both give identica
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -309,7 +310,8 @@ def _over_leading_axes(host_function):
     def wrapped(array: np.ndarray) -> tuple[np.ndarray, ...]:
         array = np.asarray(array)
         leading = array.shape[:-2]
-        outputs = host_function(array.reshape(-1, *array.shape[-2:]))
+        # The count, not -1: numpy cannot infer -1 for an array of size 0 (a 0x0 mask).
+        outputs = host_function(array.reshape(math.prod(leading), *array.shape[-2:]))
         return tuple(output.reshape(*leading, *output.shape[1:]) for output in outputs)
 
     return wrapped

@@ -14,7 +14,7 @@ run with nothing downloaded:
   in DAGM, where 512x512 images show the texture at its native scale); ellipse sizes are a
   fraction of the image.
 
-`write_dagm_folder` (or ``python -m cheapnet_jax.synthetic --out DIR``) writes the test split in
+`write_dagm_folder` (or ``python -m cheapnet_jax.cli.synthetic --out DIR``) writes the test split in
 the DAGM layout (`NNNN.PNG`, `Label/Labels.txt`, `Label/NNNN_label.PNG`).
 """
 
@@ -240,13 +240,3 @@ def make_split(
         for i in range(count, count + defect_free)
     ]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
-if __name__ == "__main__":
-    # `python -m cheapnet_jax.synthetic`: the command-line tool (imported here, not above,
-    # since the command module imports this one).
-    import sys
-
-    from cheapnet_jax.cli.synthetic import main
-
-    sys.exit(main())

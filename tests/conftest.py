@@ -11,6 +11,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
+# A persistent compilation cache per xdist worker (concurrent writers to one directory are not
+# safe; the size limit also turns on jax's file lock, for a test and the CLI processes it starts,
+# which inherit these variables through `cli_env`). Programs compile once per worker and are
+# read back by every later test and CLI process; a corrupt or stale entry is only a warning
+# (jax_raise_persistent_cache_errors is off) and the program is compiled again. Kept between
+# runs in the ignored .jax-cache/; CHEAPNET_TEST_CACHE=0 turns it off.
+if os.environ.get("CHEAPNET_TEST_CACHE", "1") != "0":
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    _cache = Path(__file__).resolve().parents[1] / ".jax-cache" / _worker
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
+
 import subprocess
 import sys
 
@@ -37,7 +51,7 @@ def cli_env(devices: int | None = None) -> dict[str, str]:
 def run_tool(
     script: str, *args: str, devices: int | None = None, cwd=REPO_ROOT, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` (``train.py``, ``-m cheapnet_jax.export``, ...) as a user would: a new
+    """Run ``script`` (``train.py``, ``-m cheapnet_jax.cli.export``, ...) as a user would: a new
     process, its own device count (see `cli_env`), output captured."""
     target = ["-m", script[3:]] if script.startswith("-m ") else [str(REPO_ROOT / script)]
     return subprocess.run(
@@ -80,3 +94,30 @@ def small_config(workdir, **overrides) -> TrainConfig:
         milestones=(1,),
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+# Tests that start other processes (the CLIs, servers, several jax.distributed processes) are
+# marked `process` from their source and their fixtures' source, so that `make test-fast` can
+# leave them out: the unit tests alone.
+_PROCESS_WORDS = ("run_tool(", "subprocess.", "Popen(", "Server(", "run_train(", "train(workdir")
+
+
+def _starts_processes(function) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return any(word in source for word in _PROCESS_WORDS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        functions = [getattr(item, "function", None)]
+        fixture_info = getattr(item, "_fixtureinfo", None)
+        if fixture_info is not None:
+            for definitions in fixture_info.name2fixturedefs.values():
+                functions += [d.func for d in definitions]
+        if any(_starts_processes(f) for f in functions if f is not None):
+            item.add_marker(pytest.mark.process)

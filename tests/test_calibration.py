@@ -129,7 +129,7 @@ def test_evaluate_calibrates_and_predict_uses_it(tmp_path):
 
     # the pipeline artifact bakes in the calibrated settings too
     exported = run_tool(
-        "-m cheapnet_jax.export", "--checkpoint", str(checkpoint), "--format", "stablehlo",
+        "-m cheapnet_jax.cli.export", "--checkpoint", str(checkpoint), "--format", "stablehlo",
         "--pipeline", "--image-size", "64", "--out", str(tmp_path / "p.stablehlo"),
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr

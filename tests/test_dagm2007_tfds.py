@@ -4,9 +4,9 @@ dependency: building the dataset as array_record and reading it do not).
 The dummy data (``datasets/dagm2007/dummy_data/Class6``: 5 defective and 1 defect-free 32x32
 image in each of Train/ and Test/) was written by::
 
-    python -m cheapnet_jax.synthetic --out datasets/dagm2007/dummy_data/Class6/Train \\
+    python -m cheapnet_jax.cli.synthetic --out datasets/dagm2007/dummy_data/Class6/Train \\
         --count 5 --defect-free 1 --size 32 --seed 0 --class-id 6
-    python -m cheapnet_jax.synthetic --out datasets/dagm2007/dummy_data/Class6/Test \\
+    python -m cheapnet_jax.cli.synthetic --out datasets/dagm2007/dummy_data/Class6/Test \\
         --count 5 --defect-free 1 --size 32 --seed 1 --class-id 6
 """
 

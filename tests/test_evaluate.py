@@ -162,7 +162,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_every_tool(tmp_path):
     for tool, extra in (
         ("evaluate.py", ["--data", str(images)]),
         ("predict.py", [str(images), "--out", str(tmp_path / "out")]),
-        ("-m cheapnet_jax.export", ["--format", "onnx", "--out", str(tmp_path / "m.onnx")]),
+        ("-m cheapnet_jax.cli.export", ["--format", "onnx", "--out", str(tmp_path / "m.onnx")]),
     ):
         result = run_tool(tool, "--checkpoint", str(path), *extra)
         assert result.returncode == 1, (tool, result.stderr)

@@ -50,7 +50,7 @@ def source(request, tmp_path):
 
 def export(checkpoint, fmt: str, out, image_size: int) -> None:
     result = run_tool(
-        "-m cheapnet_jax.export", "--checkpoint", str(checkpoint), "--format", fmt,
+        "-m cheapnet_jax.cli.export", "--checkpoint", str(checkpoint), "--format", fmt,
         "--out", str(out), "--image-size", str(image_size), timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -108,7 +108,7 @@ def test_pipeline_artifact_runs_images_to_defects(shape, tmp_path):
     save_reference(reference, tmp_path / "random.pkl")
     out = tmp_path / "pipeline.stablehlo"
     result = run_tool(
-        "-m cheapnet_jax.export", "--checkpoint", str(tmp_path / "random.pkl"),
+        "-m cheapnet_jax.cli.export", "--checkpoint", str(tmp_path / "random.pkl"),
         "--format", "stablehlo", "--pipeline", "--image-size", f"{height}x{width}",
         "--normalization", "0.4,0.3", "--min-area", "2", "--platforms", "cpu,cuda",
         "--out", str(out),
@@ -129,7 +129,7 @@ def test_pipeline_artifact_of_the_authors_checkpoint_on_real_samples(samples_fol
     paths = [str(s.image_path) for s in list_dagm_samples(samples_folder)[:2]]
     out = tmp_path / "g2.stablehlo"
     result = run_tool(
-        "-m cheapnet_jax.export", "--checkpoint", str(checkpoint_path(2)), "--format",
+        "-m cheapnet_jax.cli.export", "--checkpoint", str(checkpoint_path(2)), "--format",
         "stablehlo", "--pipeline", "--parity-images", *paths, "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -171,7 +171,7 @@ def test_pipeline_settings_are_checked(tmp_path):
     reference = random_reference(2, seed=0)
     save_reference(reference, tmp_path / "m.pkl")
     Image.fromarray(np.zeros((30, 20), np.uint8)).save(tmp_path / "small.png")
-    common = ["-m cheapnet_jax.export", "--checkpoint", str(tmp_path / "m.pkl")]
+    common = ["-m cheapnet_jax.cli.export", "--checkpoint", str(tmp_path / "m.pkl")]
     onnx = run_tool(*common, "--format", "onnx", "--pipeline", "--out", str(tmp_path / "a"))
     assert onnx.returncode == 1
     assert onnx.stderr.strip() == "error: --pipeline exports StableHLO only, not --format onnx"

@@ -206,3 +206,36 @@ def test_background_sends_no_update_to_an_in_range_index(connectivity):
     assert np.all(np.asarray(component_segments(empty, 7)) == 3 * 7)
     segments = np.asarray(component_segments(jnp.asarray([[[0, 1, 9], [2, 0, 0]]]), 2))
     assert segments.tolist() == [2, 0, 2, 1, 2, 2]
+
+
+# Borrowed edge cases: scikit-image's test_zero_size (label of 0xN / Nx0 arrays) and cc3d's
+# test_empty and test_statistics_2d[0x1]. A zero-size mask has no component, as in scipy.
+ZERO_SIZE = [(0, 0), (0, 1), (1, 0), (300, 0), (0, 300)]
+
+
+@pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
+@pytest.mark.parametrize("shape", ZERO_SIZE, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_zero_size_masks_have_no_component_eagerly_jitted_and_vmapped(shape, method):
+    masks = np.zeros((2, *shape), bool)
+    want_labels, want_count = ndimage.label(masks[0], STRUCTURES[8])
+    assert want_count == 0 and want_labels.shape == shape
+
+    def measure(m):
+        return label_and_measure(m, 8, 4, method=method)
+
+    for form in (measure, jax.jit(measure)):
+        labels, counts, (stats, valid, overflow) = form(jnp.asarray(masks))
+        assert labels.shape == (2, *shape) and np.array_equal(counts, [0, 0])
+        assert not np.any(valid) and np.array_equal(overflow, [0, 0])
+        assert stats.shape == (2, 4, 5)
+    labels, counts = jax.vmap(lambda m: label_components(m, method=method))(masks[:, None])
+    assert labels.shape == (2, 1, *shape) and np.array_equal(counts, [[0], [0]])
+
+
+@pytest.mark.parametrize("method", ["union_find", "scipy"])
+def test_an_empty_mask_of_any_size_has_no_component(method):
+    for shape in [(1, 1), (1, 7), (7, 1), (33, 65)]:
+        labels, counts = label_components(np.zeros((1, *shape), bool), method=method)
+        assert int(counts[0]) == 0 and not np.any(labels)
+        stats = component_stats(labels, 3, method=method)
+        assert not np.any(stats.valid) and int(stats.overflow[0]) == 0

@@ -73,3 +73,24 @@ def test_the_package_has_no_import_circle():
 
     for module in graph:
         visit(module, [])
+
+
+def test_no_library_module_names_the_command_line():
+    """The library never imports `cheapnet_jax.cli`, not even under ``__main__`` (``python -m``
+    has its entries in the CLI package, and a package's ``__main__.py``)."""
+    import ast
+
+    offenders = []
+    for path in (REPO_ROOT / "cheapnet_jax").rglob("*.py"):
+        relative = path.relative_to(REPO_ROOT)
+        if relative.parts[1] == "cli" or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            if any(n == "cheapnet_jax.cli" or n.startswith("cheapnet_jax.cli.") for n in names):
+                offenders.append(f"{relative}:{node.lineno}")
+    assert not offenders, offenders

@@ -96,7 +96,7 @@ def test_a_run_on_eight_devices_is_evaluated_by_one_and_by_three(eight_device_ru
 def test_a_run_on_eight_devices_is_served_and_exported_by_one(eight_device_run, tmp_path):
     images = tmp_path / "images"
     made = run_tool(
-        "-m cheapnet_jax.synthetic", "--out", str(images), "--count", "3", "--size", "48"
+        "-m cheapnet_jax.cli.synthetic", "--out", str(images), "--count", "3", "--size", "48"
     )
     assert made.returncode == 0, made.stderr
     predicted = run_tool(
@@ -109,7 +109,7 @@ def test_a_run_on_eight_devices_is_served_and_exported_by_one(eight_device_run, 
 
     exported = tmp_path / "model.pkl"
     result = run_tool(
-        "-m cheapnet_jax.export", "--checkpoint", str(eight_device_run), "--format", "torch",
+        "-m cheapnet_jax.cli.export", "--checkpoint", str(eight_device_run), "--format", "torch",
         "--out", str(exported), timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -36,13 +36,17 @@ from cheapnet_jax.training import train_and_evaluate
         ("evaluate.py", ["--normalization", "0.3,0"], "argument --normalization: '0': must be > 0"),
         ("predict.py", ["--normalization", "0.3,nan"], "argument --normalization: 'nan' is not"),
         ("predict.py", ["--normalization", "0.3"], "argument --normalization: '0.3': expected"),
-        ("-m cheapnet_jax.export", ["--image-size", "50"], "argument --image-size: '50': must be"),
+        (
+            "-m cheapnet_jax.cli.export",
+            ["--image-size", "50"],
+            "argument --image-size: '50': must be",
+        ),
     ],
 )
 def test_settings_that_cannot_work_are_refused_naming_the_flag(tool, args, message, tmp_path):
     required = {
         "predict.py": ["--checkpoint", "x.pkl", "--out", str(tmp_path / "out"), str(tmp_path)],
-        "-m cheapnet_jax.export": ["--checkpoint", "x.pkl", "--format", "onnx", "--out", "m"],
+        "-m cheapnet_jax.cli.export": ["--checkpoint", "x.pkl", "--format", "onnx", "--out", "m"],
     }.get(tool, ["--workdir", str(tmp_path / "run")] if tool == "train.py" else [])
     result = run_tool(tool, *required, *args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2

@@ -86,7 +86,13 @@ def test_written_folder_reads_back_as_dagm(tmp_path):
 
 def test_command_line_writes_a_folder(tmp_path):
     result = run_tool(
-        "-m cheapnet_jax.synthetic", "--out", str(tmp_path / "new"), "--count", "3", "--size", "32"
+        "-m cheapnet_jax.cli.synthetic",
+        "--out",
+        str(tmp_path / "new"),
+        "--count",
+        "3",
+        "--size",
+        "32",
     )
     assert result.returncode == 0, result.stderr
     assert "wrote 3 synthetic 32x32 images" in result.stdout

@@ -183,7 +183,14 @@ def _check_detection(features, flax_probs, masks, path, x) -> None:
     assert figures["predicted_components"] == components
 
 
-@pytest.mark.parametrize("features", [g for g in CHECKPOINT_FEATURES if g <= 512])
+@pytest.mark.parametrize(
+    "features",
+    [
+        pytest.param(g, marks=[pytest.mark.slow] if g >= 256 else [])
+        for g in CHECKPOINT_FEATURES
+        if g <= 512
+    ],
+)
 def test_checkpoint_reproduces_pytorch_and_reference(features, samples_folder):
     _cross_framework(features, samples_folder)
 

@@ -1,8 +1,8 @@
-"""``python -m cheapnet_jax.export`` / ``cheapnet-export``: a checkpoint as ONNX, StableHLO or
+"""``python -m cheapnet_jax.cli.export`` / ``cheapnet-export``: a checkpoint as ONNX, StableHLO or
 the authors' torch format, or the whole detector (uint8 images -> defects) as one StableHLO
 artifact with ``--pipeline`` (see `cheapnet_jax.export`).
 
-    python -m cheapnet_jax.export --checkpoint runs/demo --format stablehlo --pipeline \
+    python -m cheapnet_jax.cli.export --checkpoint runs/demo --format stablehlo --pipeline \
         --image-size 512 --threshold 0.5 --min-area 10 --out cheapnet.pipeline.stablehlo
 
 Exit status 0; 1 when the pipeline artifact gives other defects than the JAX pipeline on the
@@ -134,3 +134,7 @@ def _checkpoint_normalization(checkpoint: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status (see `cheapnet_jax.cli.run`)."""
     return cli.run(_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # python -m cheapnet_jax.cli.export
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m cheapnet_jax.synthetic --out DIR``: write synthetic images as a DAGM folder."""
+"""``python -m cheapnet_jax.cli.synthetic --out DIR``: write synthetic images as a DAGM folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from cheapnet_jax.synthetic import write_dagm_folder
 
 def _main(argv: list[str]) -> int:
     parser = cli.parser(
-        "python -m cheapnet_jax.synthetic", "Write synthetic DAGM-like images as a DAGM folder."
+        "python -m cheapnet_jax.cli.synthetic", "Write synthetic DAGM-like images as a DAGM folder."
     )
     add = parser.add_argument
     add("--out", required=True, help="folder to write (DAGM layout)")
@@ -31,3 +31,7 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status (see `cheapnet_jax.cli.run`)."""
     return cli.run(_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # python -m cheapnet_jax.cli.synthetic
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The inspection service under a bounded load on 127.0.0.1, against the in-process detector.
+
+    .venv/bin/python benchmarks/serve.py [--features 2,32] [--clients 16,64] [--duration 60] \
+        [--max-batch 8] [--json out/serve.json]
+
+For each width G it starts ``cheapnet-serve`` (a new process, the authors' checkpoint from
+../shared when present, else random weights) and, for each client count, keeps that many
+clients posting the 10 real 512x512 samples (else synthetic images of that size) for
+``--duration`` seconds, each client waiting for its answer before the next request. Every
+answer is compared with the in-process detector's for its image (boxes and areas equal, scores
+within 1e-5): a lost or wrong answer is counted. Reported: answers/s, p50/p95/p99 latency,
+errors, the server's resident memory after warm-up and at the end, and the in-process
+detector's images/s at the same batch size (`Inspector.inspect_batch`, batches of --max-batch)
+for the ratio. Requests stop at the deadline; the server is stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cheapnet_jax.bench import format_table, machine_description, write_json  # noqa: E402
+from cheapnet_jax.calibration import Setting  # noqa: E402
+from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint  # noqa: E402
+from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+SAMPLES = SHARED / "dagm-samples" / "Class6" / "Train"
+
+
+def checkpoint(features: int, folder: Path) -> Path:
+    path = SHARED / "torch-checkpoints" / f"CheapNet_G{features}.pkl"
+    if path.is_file():
+        return path
+    import jax
+
+    from cheapnet_jax.model import CheapNet, init_variables
+    from cheapnet_jax.torch_import import save_torch_checkpoint
+
+    path = folder / f"random-G{features}.pkl"
+    save_torch_checkpoint(init_variables(CheapNet(features=features), jax.random.key(0)), path)
+    return path
+
+
+def images() -> list[bytes]:
+    if SAMPLES.is_dir():
+        return [p.read_bytes() for p in sorted(SAMPLES.glob("*.PNG"))]
+    import io
+
+    from PIL import Image
+
+    from cheapnet_jax.synthetic import make_split
+
+    found = []
+    for pixels in make_split("validation", 10, 512, 0)[0]:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(pixels).squeeze().astype(np.uint8)).save(buffer, "PNG")
+        found.append(buffer.getvalue())
+    return found
+
+
+def expected_answers(path: Path, payloads: list[bytes], max_batch: int) -> tuple[list, float]:
+    """The in-process detector's defects of each image, and its images/s at ``max_batch``."""
+    import io
+
+    from PIL import Image
+
+    loaded = load_checkpoint(path)
+    defaults = {"threshold": Setting(0.5, "default"), "min_area": Setting(0, "default")}
+    inspector = Inspector(
+        path, loaded, AUTHORS_NORMALIZATION, defaults, InspectorOptions(max_batch=max_batch)
+    )
+    pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("L")) for p in payloads]
+    expected = [inspector.inspect_batch(0, [image], 0.5, 0)[0].defects for image in pixels]
+    batch = (pixels * max_batch)[:max_batch]
+    inspector.inspect_batch(0, batch, 0.5, 0)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        inspector.inspect_batch(0, batch, 0.5, 0)
+        times.append(time.perf_counter() - start)
+    return expected, max_batch / statistics.median(times)
+
+
+def resident_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def same(answer: list, expected: list) -> bool:
+    if [(d["box"], d["area"]) for d in answer] != [(d["box"], d["area"]) for d in expected]:
+        return False
+    return all(abs(a["score"] - e["score"]) <= 1e-5 for a, e in zip(answer, expected, strict=True))
+
+
+async def load(url: str, payloads, expected, clients: int, duration: float) -> dict:
+    latencies, wrong, errors = [], 0, 0
+    deadline = time.monotonic() + duration
+    limits = httpx.Limits(max_connections=clients)
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal wrong, errors
+        n = index
+        while time.monotonic() < deadline:
+            k = n % len(payloads)
+            n += 1
+            start = time.perf_counter()
+            try:
+                response = await http.post(
+                    f"{url}/v1/inspect",
+                    content=payloads[k],
+                    headers={"content-type": "image/png"},
+                )
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                errors += 1
+            elif not same(response.json()["defects"], expected[k]):
+                wrong += 1
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+    elapsed = time.monotonic() - started
+    q = np.quantile(latencies, [0.5, 0.95, 0.99]) * 1000 if latencies else [np.nan] * 3
+    return {
+        "answers": len(latencies),
+        "answers_per_s": len(latencies) / elapsed,
+        "p50_ms": q[0],
+        "p95_ms": q[1],
+        "p99_ms": q[2],
+        "errors": errors,
+        "wrong": wrong,
+    }
+
+
+def run(features: int, clients_list, duration, max_batch, max_wait_ms, folder) -> list[dict]:
+    path = checkpoint(features, folder)
+    payloads = images()
+    expected, in_process = expected_answers(path, payloads, max_batch)
+    port = 8700 + features % 97
+    command = [
+        sys.executable, "-m", "cheapnet_jax.serve", "--checkpoint", str(path),
+        "--port", str(port), "--warm", "512", "--max-batch", str(max_batch),
+        "--max-wait-ms", str(max_wait_ms), "--max-queue", "256", "--log-level", "warning",
+        "--no-calibration",
+    ]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        asyncio.run(load(url, payloads, expected, 4, 5))  # warm the connections and caches
+        for clients in clients_list:
+            start_mib = resident_mib(server.pid)
+            figures = asyncio.run(load(url, payloads, expected, clients, duration))
+            rows.append(
+                {
+                    "G": features,
+                    "clients": clients,
+                    **figures,
+                    "in_process_img_s": in_process,
+                    "ratio": figures["answers_per_s"] / in_process,
+                    "rss_start_mib": start_mib,
+                    "rss_end_mib": resident_mib(server.pid),
+                }
+            )
+            print(format_table(rows[-1:], list(rows[-1])), flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", default="2,32")
+    parser.add_argument("--clients", default="16,64")
+    parser.add_argument("--duration", type=float, default=60)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    folder = Path("out")
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for features in [int(g) for g in args.features.split(",")]:
+        clients = [int(c) for c in args.clients.split(",")]
+        rows += run(features, clients, args.duration, args.max_batch, args.max_wait_ms, folder)
+    print(machine_description())
+    print(format_table(rows, list(rows[0])))
+    if args.json:
+        write_json(args.json, rows, command=" ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
