@@ -14,7 +14,7 @@ run with nothing downloaded:
   in DAGM, where 512x512 images show the texture at its native scale); ellipse sizes are a
   fraction of the image.
 
-`write_dagm_folder` (or ``python -m cheapnet_jax.cli.synthetic --out DIR``) writes the test split in
+`write_dagm_folder` (or ``cheapnet-synthetic --out DIR``) writes the test split in
 the DAGM layout (`NNNN.PNG`, `Label/Labels.txt`, `Label/NNNN_label.PNG`).
 """
 

@@ -20,7 +20,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if os.environ.get("CHEAPNET_TEST_CACHE", "1") != "0":
     _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     _cache = Path(__file__).resolve().parents[1] / ".jax-cache" / _worker
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
+    # Set, not defaulted: xdist's workers inherit the environment of the controller, which
+    # imports this file too (as "main").
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))

@@ -1,4 +1,5 @@
-"""``python -m cheapnet_jax.cli.synthetic --out DIR``: write synthetic images as a DAGM folder."""
+"""``cheapnet-synthetic`` / ``python -m cheapnet_jax.cli.synthetic --out DIR``: write synthetic
+images as a DAGM folder."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ from cheapnet_jax.synthetic import write_dagm_folder
 
 
 def _main(argv: list[str]) -> int:
-    parser = cli.parser(
-        "python -m cheapnet_jax.cli.synthetic", "Write synthetic DAGM-like images as a DAGM folder."
-    )
+    parser = cli.parser("cheapnet-synthetic", "Write synthetic DAGM-like images as a DAGM folder.")
     add = parser.add_argument
     add("--out", required=True, help="folder to write (DAGM layout)")
     add("--count", type=cli.count, default=10, help="defective images")
