@@ -195,7 +195,7 @@ def decode_image(
             warning = None
             if mode != "L":
                 if not convert_to_grayscale or mode in HIGH_BIT_DEPTH_MODES:
-                    raise DataError(
+                    raise ImageModeError(
                         f"{name}: image mode {mode!r} ({_describe_mode(mode)}); expected 8-bit "
                         "grayscale ('L'): convert it first, e.g. PIL's Image.convert('L')"
                     )
@@ -216,6 +216,11 @@ def decode_image(
 
 class ImageTooLargeError(DataError):
     """An image of more pixels than allowed (`decode_image`'s ``max_pixels``, Pillow's limit)."""
+
+
+class ImageModeError(DataError):
+    """A decodable image in a pixel format that is not read (16-bit, or colour when not
+    converted)."""
 
 
 def allow_image_pixels(count: int) -> None:

@@ -41,27 +41,57 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
         return 1
 
 
-def resolve_thresholds(args: argparse.Namespace, threshold: float, min_area: int) -> str:
-    """Fill in ``args.threshold`` and ``args.min_area`` left unset (None): from the calibration
-    of ``args.checkpoint`` when there is one (unless ``args.use_calibration`` is false), else
-    the defaults given (`calibration.resolve_settings`); returns a line saying where each came
-    from."""
+def add_calibrated_settings(add: Callable, threshold: float, min_area: int) -> None:
+    """``--threshold``, ``--min-area`` (None until `detection_settings` resolves them) and
+    ``--no-calibration``, with ``add`` a parser's or a group's ``add_argument``."""
+    add(
+        "--threshold",
+        type=probability,
+        help="a pixel is a defect if its probability > this (none: the checkpoint's "
+        f"calibration, else {threshold})",
+    )
+    add(
+        "--min-area",
+        type=non_negative,
+        help="drop smaller defects, in pixels (none: the checkpoint's calibration, else "
+        f"{min_area})",
+    )
+    add(
+        "--no-calibration",
+        dest="use_calibration",
+        action="store_false",
+        help="ignore the checkpoint's calibration (evaluate.py --calibrate)",
+    )
+
+
+def detection_settings(args: argparse.Namespace, threshold: float, min_area: int) -> dict:
+    """``args.threshold`` and ``args.min_area`` as `calibration.Setting`s: as given, else from
+    the calibration of ``args.checkpoint`` (unless ``args.use_calibration`` is false), else
+    ``threshold`` and ``min_area`` (`calibration.resolve_settings`)."""
     from cheapnet_jax.calibration import resolve_settings
     from cheapnet_jax.checkpoints import calibration_path
 
-    calibration_file = calibration_path(args.checkpoint)
-    settings = resolve_settings(
+    return resolve_settings(
         {"threshold": args.threshold, "min_area": args.min_area},
         {"threshold": threshold, "min_area": min_area},
-        calibration_file if args.use_calibration else None,
+        calibration_path(args.checkpoint) if args.use_calibration else None,
     )
+
+
+def resolve_thresholds(args: argparse.Namespace, threshold: float, min_area: int) -> str:
+    """Fill in ``args.threshold`` and ``args.min_area`` left unset (None) by
+    `detection_settings`; returns a line saying where each came from."""
+    from cheapnet_jax.checkpoints import calibration_path
+
+    settings = detection_settings(args, threshold, min_area)
     flags = {"threshold": "--threshold", "min_area": "--min-area"}
     origins = []
     for name, setting in settings.items():
         setattr(args, name, setting.value)
-        origin = {"given": flags[name], "calibration": f"calibration {calibration_file}"}.get(
-            setting.origin, setting.origin
-        )
+        origin = {
+            "given": flags[name],
+            "calibration": f"calibration {calibration_path(args.checkpoint)}",
+        }.get(setting.origin, setting.origin)
         origins.append(f"{name.replace('_', ' ')} {setting.value} ({origin})")
     return "using " + ", ".join(origins)
 

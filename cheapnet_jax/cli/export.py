@@ -43,22 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = parser.add_argument_group("--pipeline: the detector, images to defects")
     add = pipeline.add_argument
     add("--pipeline", action="store_true", help="export the whole detector (stablehlo only)")
-    add(
-        "--threshold",
-        type=cli.probability,
-        help="pixel probability threshold (none: the checkpoint's calibration, else 0.5)",
-    )
-    add(
-        "--min-area",
-        type=cli.non_negative,
-        help="smallest defect kept, in pixels (none: the checkpoint's calibration, else 0)",
-    )
-    add(
-        "--no-calibration",
-        dest="use_calibration",
-        action="store_false",
-        help="ignore the checkpoint's calibration (evaluate.py --calibrate)",
-    )
+    cli.add_calibrated_settings(add, threshold=0.5, min_area=0)
     add("--max-components", type=cli.count, default=256, help="defects reported per image")
     add(
         "--normalization",

@@ -33,24 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
     add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
     add("--out", required=True, help="output folder")
-    add(
-        "--threshold",
-        type=cli.probability,
-        help="a pixel is a defect if its probability > this (none: the checkpoint's "
-        f"calibration, else {PredictOptions.threshold})",
-    )
-    add(
-        "--min-area",
-        type=cli.non_negative,
-        help="drop smaller defects, in pixels (none: the checkpoint's calibration, else "
-        f"{PredictOptions.min_area})",
-    )
-    add(
-        "--no-calibration",
-        dest="use_calibration",
-        action="store_false",
-        help="ignore the checkpoint's calibration (evaluate.py --calibrate)",
-    )
+    cli.add_calibrated_settings(add, PredictOptions.threshold, PredictOptions.min_area)
     add(
         "--max-components",
         type=cli.count,

@@ -16,6 +16,9 @@ from pathlib import Path
 from cheapnet_jax import cli
 from cheapnet_jax.errors import SettingsError
 
+DEFAULT_THRESHOLD, DEFAULT_MIN_AREA = 0.5, 0
+"""Without the flags and a calibration: predict.py's defaults."""
+
 
 def warm_sizes(text: str) -> tuple[tuple[int, int], ...]:
     """``512x512,256`` -> ((512, 512), (256, 256)); ``none`` for no warm-up."""
@@ -25,6 +28,7 @@ def warm_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cheapnet_jax.detection import INFERENCE_DTYPES
     from cheapnet_jax.serve.app import ServiceOptions
     from cheapnet_jax.serve.inspector import InspectorOptions
 
@@ -37,22 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
     add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     add("--port", type=int, default=8000, help="port to bind")
-    add(
-        "--threshold",
-        type=cli.probability,
-        help="default pixel threshold (none: the checkpoint's calibration, else 0.5)",
-    )
-    add(
-        "--min-area",
-        type=cli.non_negative,
-        help="default smallest defect in pixels (none: the checkpoint's calibration, else 0)",
-    )
-    add(
-        "--no-calibration",
-        dest="use_calibration",
-        action="store_false",
-        help="ignore the checkpoint's calibration",
-    )
+    cli.add_calibrated_settings(add, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
     add(
         "--normalization",
         type=cli.normalization,
@@ -97,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images of more pixels go through exact tiles",
     )
     add("--max-components", type=cli.count, default=InspectorOptions.max_components)
-    add("--dtype", choices=["float32", "bfloat16"], default="float32", help="activations")
+    add("--dtype", choices=sorted(INFERENCE_DTYPES), default="float32", help="activations")
     add("--impl", choices=["auto", "lax", "fused"], default="auto", help="layer implementation")
     add("--token-file", help="a file holding the bearer token every request must carry")
     add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -116,8 +105,7 @@ def _read_token(path: str | None) -> str | None:
 def _main(argv: list[str]) -> int:
     import uvicorn
 
-    from cheapnet_jax.calibration import resolve_settings
-    from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization
+    from cheapnet_jax.checkpoints import load_checkpoint, resolve_normalization
     from cheapnet_jax.serve.app import ServiceOptions, create_app
     from cheapnet_jax.serve.inspector import Inspector, InspectorOptions
 
@@ -126,11 +114,7 @@ def _main(argv: list[str]) -> int:
         raise SettingsError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
     token = _read_token(args.token_file)
     loaded = load_checkpoint(args.checkpoint, args.impl)
-    defaults = resolve_settings(
-        {"threshold": args.threshold, "min_area": args.min_area},
-        {"threshold": 0.5, "min_area": 0},
-        calibration_path(args.checkpoint) if args.use_calibration else None,
-    )
+    defaults = cli.detection_settings(args, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
     inspector = Inspector(
         args.checkpoint,
         loaded,

@@ -39,9 +39,9 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cheapnet_jax.calibration import Setting, read_calibration
+from cheapnet_jax.calibration import read_calibration
 from cheapnet_jax.checkpoints import calibration_path
-from cheapnet_jax.data import DataError, ImageTooLargeError, decode_image
+from cheapnet_jax.data import DataError, ImageModeError, ImageTooLargeError, decode_image
 from cheapnet_jax.prediction import render_overlay
 from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError
 from cheapnet_jax.serve.inspector import Inspection, Inspector, variant_name
@@ -194,9 +194,10 @@ def _decode(payload: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, str
         )
     except ImageTooLargeError as err:
         raise ApiError(413, str(err)) from err
+    except ImageModeError as err:  # decoded, but a pixel format the model does not take
+        raise ApiError(422, str(err)) from err
     except DataError as err:
-        status = 422 if "image mode" in str(err) else 400
-        raise ApiError(status, str(err)) from err
+        raise ApiError(400, str(err)) from err
 
 
 def model_description(inspector: Inspector) -> dict:
@@ -217,10 +218,7 @@ def model_description(inspector: Inspector) -> dict:
         },
         "calibration": read_calibration(calibration_file),
         "calibration_file": str(calibration_file) if calibration_file.is_file() else None,
-        "defaults": {
-            name: _setting(None, setting, calibration_file)
-            for name, setting in inspector.defaults.items()
-        },
+        "defaults": _default_settings(inspector),
         "dtype": inspector.options.dtype,
         "max_batch": inspector.options.max_batch,
         "max_components": inspector.options.max_components,
@@ -231,6 +229,7 @@ def model_description(inspector: Inspector) -> dict:
 def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions()) -> FastAPI:
     """The service of ``inspector``'s model (run it with uvicorn)."""
     metrics = _Metrics()
+    default_settings = _default_settings(inspector)  # what a request without settings gets
     state = {"ready": False, "warmed": [], "warm_error": None}
     batcher_box: dict[str, DynamicBatcher] = {}
 
@@ -364,10 +363,12 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         payload, name = await _read_image_bytes(request)
         image, warning = await asyncio.to_thread(_decode, payload, name, options.max_image_pixels)
         decoded = time.monotonic()
-        calibration_file = calibration_path(inspector.checkpoint)
+        given = {"threshold": threshold, "min_area": min_area}
         settings = {
-            "threshold": _setting(threshold, inspector.defaults["threshold"], calibration_file),
-            "min_area": _setting(min_area, inspector.defaults["min_area"], calibration_file),
+            name: {"value": value, "source": "request"}
+            if value is not None
+            else default_settings[name]
+            for name, value in given.items()
         }
         key = (
             image.shape,
@@ -432,13 +433,17 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     return app
 
 
-def _setting(value, default: Setting, calibration_file) -> dict:
-    """A request's setting and where it came from: the request, the service's flag, the
+def _default_settings(inspector: Inspector) -> dict[str, dict]:
+    """The service's default settings and where each came from: the service's flag, the
     checkpoint's calibration (its file) or the default."""
-    if value is not None:
-        return {"value": value, "source": "request"}
-    source = {"given": "service flag", "calibration": f"calibration {calibration_file}"}
-    return {"value": default.value, "source": source.get(default.origin, default.origin)}
+    sources = {
+        "given": "service flag",
+        "calibration": f"calibration {calibration_path(inspector.checkpoint)}",
+    }
+    return {
+        name: {"value": setting.value, "source": sources.get(setting.origin, setting.origin)}
+        for name, setting in inspector.defaults.items()
+    }
 
 
 CLIENT_GONE = 499
