@@ -166,12 +166,18 @@ def synthetic_splits(config: TrainConfig) -> tuple[tuple, tuple]:
     )
 
 
-def learning_rate_at(config: TrainConfig, epoch):
-    """The learning rate during ``epoch`` (0-based): lr * gamma ** (milestones passed).
+def stepped_learning_rate(lr, gamma: float, milestones: tuple[int, ...], epoch):
+    """lr * gamma ** (milestones passed by ``epoch``, 0-based).
 
-    ``epoch`` is an int (logs) or a traced integer array (the optimizer's schedule).
+    ``epoch`` is an int (logs) or a traced integer array (the optimizer's schedule); ``lr`` a
+    float, or a traced array (a population's members, `cheapnet_jax.population`).
     """
-    return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
+    return lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+def learning_rate_at(config: TrainConfig, epoch):
+    """The learning rate of ``config`` during ``epoch`` (`stepped_learning_rate`)."""
+    return stepped_learning_rate(config.lr, config.gamma, config.milestones, epoch)
 
 
 def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -291,7 +297,8 @@ def validation_counts(
     return totals
 
 
-def _jsonable(config: TrainConfig) -> dict:
+def config_json(config: TrainConfig) -> dict:
+    """``config`` as its config.json holds it (tuples as lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
@@ -331,7 +338,7 @@ def check_config(config: TrainConfig) -> None:
 
 def changed_settings(saved: Mapping, config: TrainConfig) -> list[str]:
     """``name: saved -> new`` for each of `RESUME_SETTINGS` that differs from a saved config."""
-    new = _jsonable(config)
+    new = config_json(config)
     return [
         f"{name}: {saved.get(name)!r} -> {new[name]!r}"
         for name in RESUME_SETTINGS
@@ -391,7 +398,7 @@ def _locked_train(config: TrainConfig, devices: list, primary: bool, allow_chang
                     "use another --workdir, or --allow-changes to continue it with the new ones"
                 )
         if primary:
-            write_atomic(workdir / "config.json", json.dumps(_jsonable(config), indent=2) + "\n")
+            write_atomic(workdir / "config.json", json.dumps(config_json(config), indent=2) + "\n")
             write_atomic(workdir / "command.txt", " ".join(sys.argv) + "\n")
         return _train(config, checkpoints, devices, primary)
     finally:
@@ -467,7 +474,7 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
                 state,
                 {
                     **figures,
-                    "config": _jsonable(config),
+                    "config": config_json(config),
                     "normalization": {"mean": dataset.mean, "std": dataset.std},
                 },
             )
@@ -535,13 +542,19 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch, pri
     return state, float(np.mean(losses))
 
 
+def divergence(loss: float, finite: bool, workdir: str, epoch: int, step: int, lr: float):
+    """What went wrong at a step whose loss or update is not finite; None when both are."""
+    if math.isfinite(loss) and finite:
+        return None
+    what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became NaN/inf"
+    return (
+        f"{what} at epoch {epoch + 1}, step {step} (lr {lr}); "
+        f"the last good checkpoint is kept in {workdir}/{CHECKPOINT_DIR}"
+    )
+
+
 def _check_step(out: Mapping, config: TrainConfig, epoch: int, step: int, lr: float) -> None:
     """TrainingDivergedError naming the step when its loss or its update is not finite."""
-    loss = float(out["loss"])
-    if math.isfinite(loss) and bool(out["finite"]):
-        return
-    what = f"loss became {loss}" if not math.isfinite(loss) else "parameters became NaN/inf"
-    raise TrainingDivergedError(
-        f"{what} at epoch {epoch + 1}, step {step} (lr {lr}); "
-        f"the last good checkpoint is kept in {config.workdir}/{CHECKPOINT_DIR}"
-    )
+    message = divergence(float(out["loss"]), bool(out["finite"]), config.workdir, epoch, step, lr)
+    if message is not None:
+        raise TrainingDivergedError(message)

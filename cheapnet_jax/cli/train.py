@@ -16,6 +16,7 @@ import sys
 
 from cheapnet_jax import cli
 from cheapnet_jax.model import VARIANTS
+from cheapnet_jax.population import parse_axis, population_grid, train_population
 from cheapnet_jax.training import LOSSES, TrainConfig, train_and_evaluate
 
 DEFAULTS = TrainConfig()
@@ -32,6 +33,14 @@ def dagm_classes(text: str) -> tuple[int, ...]:
     if not classes or any(not 1 <= c <= 10 for c in classes):
         raise argparse.ArgumentTypeError(f"{text!r}: DAGM classes are 1..10")
     return classes
+
+
+def population_axis(text: str) -> tuple[str, tuple]:
+    """``KEY=VALUES`` of ``--population`` (`population.parse_axis`)."""
+    try:
+        return parse_axis(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-changes",
         action="store_true",
         help="resume a workdir although its run had other settings (seed, lr, ...)",
+    )
+    add(
+        "--population",
+        nargs="+",
+        type=population_axis,
+        metavar="KEY=VALUES",
+        default=None,
+        help="train a sweep in one program, a member per combination: seed=0..7, "
+        "lr=0.01,0.001, loss=bce-logits,bce-sigmoid, classes=1..10, data=DIR1,DIR2; each "
+        "member is an ordinary run in WORKDIR/members/NAME",
     )
     hosts = parser.add_argument_group(
         "several processes (jax.distributed): --distributed under a cluster launcher "
@@ -144,7 +163,11 @@ def _main(argv: list[str]) -> int:
         start_processes(args)
     if args.devices > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
         print(f"no accelerator: simulating {args.devices} CPU devices per process")
-    train_and_evaluate(parse_config(args), allow_changes=args.allow_changes)
+    if args.population is not None:
+        grid = population_grid(args.population)
+        train_population(parse_config(args), grid, allow_changes=args.allow_changes)
+    else:
+        train_and_evaluate(parse_config(args), allow_changes=args.allow_changes)
     return 0
 
 

@@ -1,0 +1,644 @@
+"""Population training: a sweep of CheapNets of one width trained by one compiled program.
+
+    python train.py --population seed=0..7 --workdir runs/seeds
+    python train.py --population lr=0.01,0.003,0.001 seed=0,1      # a grid: 6 members
+    python train.py --data DAGM_ROOT --population classes=1..10    # a model per DAGM class
+
+The members share the width G, the image size, the batch size, the device count, the epochs
+and the milestones; each may differ in its seed (initialisation, split and data order), its
+learning rate, its loss, its DAGM class or its data folder. Their train states are stacked on
+a leading member axis and one training step is `jax.vmap`-ed over the members inside the
+`jax.pmap` over devices: BatchNorm's cross-device statistics and the gradients' pmean stay per
+member (a collective over the device axis of a vmapped value keeps the member axis). Each
+member reads its own batches, normalised by its own statistics.
+
+Every member is an ordinary run in ``workdir/members/<name>/`` (config.json, metrics.jsonl,
+TensorBoard, checkpoints), equal to what ``train.py`` with the member's settings writes, so
+evaluate.py, predict.py, export and ``--calibrate`` read it as any run. ``population.json``
+records the members and their status, ``population.csv`` the summary table.
+
+Members with fewer training batches per epoch (another class or folder) sit out the last
+steps of each epoch: a per-member ``active`` flag keeps their state unchanged, which keeps
+each member's optimizer steps and data order those of its solo run. A member that diverges is
+stopped (inactive from then on, its last good checkpoint kept) while the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from cheapnet_jax import data, metrics
+from cheapnet_jax.checkpoints import Checkpoints
+from cheapnet_jax.errors import SettingsError
+from cheapnet_jax.files import exclusive_lock, write_atomic
+from cheapnet_jax.losses import LOSSES
+from cheapnet_jax.model import CheapNet
+from cheapnet_jax.runlog import MetricsLog
+from cheapnet_jax.training import (
+    AXIS,
+    DTYPES,
+    LOG_EVERY,
+    Dataset,
+    TrainConfig,
+    TrainState,
+    cast_floats,
+    changed_settings,
+    check_config,
+    config_json,
+    create_state,
+    divergence,
+    learning_rate_at,
+    learning_rate_schedule,
+    load_dataset,
+    make_eval_step,
+    make_train_step,
+    stepped_learning_rate,
+    training_devices,
+)
+
+MEMBER_KEYS = ("seed", "lr", "loss", "classes", "data")
+"""The settings in which members may differ (``--population KEY=VALUES``)."""
+MEMBERS_DIR = "members"
+POPULATION_FILE = "population.json"
+SUMMARY_FILE = "population.csv"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a population: its folder name, what sets it apart, its whole config."""
+
+    name: str
+    settings: dict
+    config: TrainConfig
+
+
+def _integers(text: str) -> list[int]:
+    """``3``, ``0..7`` (inclusive) or ``1,4,9`` (parts may be ranges: ``0..2,5``)."""
+    values: list[int] = []
+    for part in text.split(","):
+        low, dots, high = part.partition("..")
+        if dots:
+            first, last = int(low), int(high)
+            if last < first:
+                raise ValueError(f"empty range {part!r}")
+            values += range(first, last + 1)
+        else:
+            values.append(int(part))
+    return values
+
+
+def parse_axis(text: str) -> tuple[str, tuple]:
+    """``KEY=VALUES`` -> ``(key, values)``; ValueError saying what was wrong.
+
+    seed: integers and ranges (``0..7``); lr: positive numbers; loss: names of `LOSSES`;
+    classes: DAGM classes 1..10 (one per member); data: folders (comma-separated).
+    """
+    key, equals, values = text.partition("=")
+    if not equals or not values:
+        raise ValueError(f"{text!r}: expected KEY=VALUES, e.g. seed=0..7 or lr=0.01,0.001")
+    if key not in MEMBER_KEYS:
+        raise ValueError(f"{text!r}: members may differ in {', '.join(MEMBER_KEYS)}, not {key!r}")
+    try:
+        if key == "seed":
+            parsed: list = _integers(values)
+        elif key == "classes":
+            parsed = [(c,) for c in _integers(values)]
+            if any(not 1 <= c <= 10 for (c,) in parsed):
+                raise ValueError("DAGM classes are 1..10")
+        elif key == "lr":
+            parsed = [float(v) for v in values.split(",")]
+            if any(not (math.isfinite(v) and v > 0) for v in parsed):
+                raise ValueError("learning rates must be finite numbers > 0")
+        elif key == "loss":
+            parsed = values.split(",")
+            unknown = [v for v in parsed if v not in LOSSES]
+            if unknown:
+                raise ValueError(f"unknown loss {unknown[0]!r} (one of {', '.join(LOSSES)})")
+        else:
+            parsed = values.split(",")
+    except ValueError as err:
+        raise ValueError(f"{text!r}: {err}") from None
+    if len(set(parsed)) != len(parsed):
+        raise ValueError(f"{text!r}: a value is repeated")
+    return key, tuple(parsed)
+
+
+def population_grid(axes: Sequence[tuple[str, tuple]]) -> list[dict]:
+    """Every combination of the axes' values (the first axis varies slowest)."""
+    if not axes:
+        raise SettingsError("--population needs at least one KEY=VALUES")
+    keys = [key for key, _ in axes]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise SettingsError(f"--population names {repeated[0]} twice")
+    return [
+        dict(zip(keys, combination, strict=True))
+        for combination in itertools.product(*(values for _, values in axes))
+    ]
+
+
+def _value_name(key: str, value) -> str:
+    if key == "classes":
+        return str(value[0])
+    if key == "data":
+        return re.sub(r"[^A-Za-z0-9.+-]+", "-", Path(value).name or str(value)).strip("-")
+    if key == "lr":
+        return f"{value:g}"
+    return str(value)
+
+
+def population_members(base: TrainConfig, grid: list[dict]) -> list[Member]:
+    """The members of ``grid`` over ``base``: names like ``lr-0.01_seed-1``, folders under
+    ``base.workdir/members``. SettingsError where two members would share a folder or a
+    setting cannot apply to the data."""
+    if any("classes" in settings for settings in grid) and (
+        base.data == "synthetic" or (Path(base.data) / "images").is_dir()
+    ):
+        raise SettingsError(
+            f"--population classes=...: --data {base.data} has no DAGM classes (a DAGM root "
+            "folder has)"
+        )
+    members = []
+    for settings in grid:
+        name = "_".join(f"{key}-{_value_name(key, value)}" for key, value in settings.items())
+        workdir = str(Path(base.workdir) / MEMBERS_DIR / name)
+        members.append(Member(name, settings, replace(base, **settings, workdir=workdir)))
+    names = [member.name for member in members]
+    for name in names:
+        if names.count(name) > 1:
+            raise SettingsError(f"--population: two members would both be named {name!r}")
+    return members
+
+
+def _settings_json(settings: dict) -> dict:
+    return json.loads(json.dumps(settings))
+
+
+def make_population_step(
+    model: CheapNet, gamma: float, milestones: tuple[int, ...], loss_names: Sequence[str]
+):
+    """The training step of one device's share of every member's batch, vmapped over members.
+
+    Per member: state, x, masks, its learning rate, its steps per epoch (the schedule counts
+    epochs by them), the index of its loss in ``loss_names`` and whether it takes this step.
+    """
+    losses = [LOSSES[name] for name in loss_names]
+
+    def member_step(state, x, masks, lr, steps_per_epoch, loss_index, active):
+        optimizer = optax.adam(
+            lambda count: stepped_learning_rate(lr, gamma, milestones, count // steps_per_epoch)
+        )
+        if len(losses) == 1:
+            loss = losses[0]
+        else:
+            # Under vmap both losses are computed and one selected; the other's gradient is
+            # multiplied by an exact zero.
+            def loss(logits, targets):
+                return jax.lax.switch(loss_index, losses, logits, targets)
+
+        new_state, out = make_train_step(model, optimizer, loss)(state, x, masks)
+        kept = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
+        return kept, out
+
+    return jax.vmap(member_step)
+
+
+def parallel_population_step(model, gamma, milestones, loss_names, devices):
+    """`make_population_step` data-parallel: the stacked state and the per-member settings go
+    in unreplicated, x and masks carry ``[devices, members, ...]``."""
+    return jax.pmap(
+        make_population_step(model, gamma, milestones, loss_names),
+        axis_name=AXIS,
+        in_axes=(None, 0, 0, None, None, None, None),
+        out_axes=(None, None),
+        devices=devices,
+    )
+
+
+def stack_members(trees: list):
+    """One pytree whose leaves carry a leading member axis."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def member_slice(tree, index: int):
+    """Member ``index``'s pytree out of a stacked one."""
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+@dataclass
+class _Run:
+    """The host side of a population run."""
+
+    members: list[Member]
+    datasets: list[Dataset]
+    checkpoints: list[Checkpoints]
+    logs: list[MetricsLog | None]
+    first_epochs: list[int]
+    status: list[str]  # "training", "finished" or "diverged"
+    messages: list[str]
+    devices: int
+    dtype: type
+
+
+def train_population(
+    base: TrainConfig, grid: list[dict], *, allow_changes: bool = False
+) -> list[dict]:
+    """Train the members of ``grid`` over ``base`` in one program; returns the summary rows.
+
+    Resuming: each member continues from its own latest checkpoint (members saved at different
+    epochs by a killed run catch up), ending as an uninterrupted population does. A workdir
+    that holds another population is refused (SettingsError naming the difference), as is a
+    member whose saved settings differ unless ``allow_changes``.
+    """
+    members = population_members(base, grid)
+    for member in members:
+        check_config(member.config)
+    devices = training_devices(base)
+    if base.batch_size % len(devices):
+        raise SettingsError(
+            f"--batch-size {base.batch_size} must be a multiple of the {len(devices)} devices"
+        )
+    primary = jax.process_index() == 0
+    workdir = Path(base.workdir)
+    lock = exclusive_lock(workdir, "training run") if primary else contextlib.nullcontext()
+    with lock, contextlib.ExitStack() as closing:
+        saved = _saved_population(workdir, members)
+        checkpoints = []
+        for member in members:
+            checkpoints.append(Checkpoints(member.config.workdir, base.keep_checkpoints))
+            closing.callback(checkpoints[-1].close)
+            meta = checkpoints[-1].latest_meta()
+            changes = [] if meta is None else changed_settings(meta["config"], member.config)
+            if changes and not allow_changes:
+                raise SettingsError(
+                    f"{member.config.workdir} holds a run with other settings "
+                    f"({'; '.join(changes)}): use another --workdir, or --allow-changes"
+                )
+        status = [saved.get(m.name, {}).get("status", "training") for m in members]
+        status = ["training" if s == "finished" else s for s in status]  # more epochs, maybe
+        messages = [saved.get(m.name, {}).get("message", "") for m in members]
+        if primary:
+            for member in members:
+                folder = Path(member.config.workdir)
+                config_text = json.dumps(config_json(member.config), indent=2) + "\n"
+                write_atomic(folder / "config.json", config_text)
+                write_atomic(folder / "command.txt", " ".join(sys.argv) + "\n")
+        run = _Run(
+            members=members,
+            datasets=[],
+            checkpoints=checkpoints,
+            logs=[],
+            first_epochs=[0] * len(members),
+            status=status,
+            messages=messages,
+            devices=len(devices),
+            dtype=DTYPES[base.dtype],
+        )
+        _write_population_json(workdir, base, run, primary)
+        return _train(base, run, devices, primary)
+
+
+def _saved_population(workdir: Path, members: list[Member]) -> dict[str, dict]:
+    """The saved members by name; SettingsError when the workdir holds another population."""
+    path = workdir / POPULATION_FILE
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    before = {m["name"]: m["settings"] for m in saved["members"]}
+    now = {m.name: _settings_json(m.settings) for m in members}
+    if before != now:
+        gone = sorted(set(before) - set(now))
+        new = sorted(set(now) - set(before))
+        detail = "; ".join(
+            part
+            for part in (
+                f"members not asked for now: {', '.join(gone)}" if gone else "",
+                f"new members: {', '.join(new)}" if new else "",
+            )
+            if part
+        )
+        raise SettingsError(
+            f"{workdir} holds another population ({detail or 'other settings'}): "
+            "use another --workdir"
+        )
+    return {m["name"]: m for m in saved["members"]}
+
+
+def _write_population_json(workdir: Path, base: TrainConfig, run: _Run, primary: bool) -> None:
+    if not primary:
+        return
+    shared = {k: v for k, v in config_json(base).items() if k not in MEMBER_KEYS}
+    document = {
+        "shared": shared,
+        "members": [
+            {
+                "name": member.name,
+                "settings": _settings_json(member.settings),
+                "workdir": member.config.workdir,
+                "status": run.status[i],
+                "message": run.messages[i],
+            }
+            for i, member in enumerate(run.members)
+        ],
+    }
+    write_atomic(workdir / POPULATION_FILE, json.dumps(document, indent=2) + "\n")
+
+
+def _initial_state(member: Member, model: CheapNet, steps_per_epoch: int, dtype) -> TrainState:
+    optimizer = optax.adam(learning_rate_schedule(member.config, steps_per_epoch))
+    return cast_floats(create_state(model, optimizer, jax.random.key(member.config.seed)), dtype)
+
+
+def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[dict]:
+    run.datasets = [load_dataset(member.config) for member in run.members]
+    shapes = {ds.train_images.shape[1:] for ds in run.datasets}
+    if len(shapes) > 1:
+        raise SettingsError(f"the members' images have several sizes {sorted(shapes)}")
+    for member, dataset in zip(run.members, run.datasets, strict=True):
+        if len(dataset.train_images) < base.batch_size:
+            raise SettingsError(
+                f"member {member.name}: {len(dataset.train_images)} training images, fewer "
+                f"than one batch of {base.batch_size}"
+            )
+    steps_per_epoch = [len(ds.train_images) // base.batch_size for ds in run.datasets]
+    model = CheapNet(base.features, impl=base.impl, bn_axis_name=AXIS)
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
+    )
+    states = []
+    for i, member in enumerate(run.members):
+        state = _initial_state(member, model, steps_per_epoch[i], run.dtype)
+        restored = run.checkpoints[i].restore_latest(state, replicated)
+        if restored is not None:
+            state, meta = restored
+            run.first_epochs[i] = int(meta["epoch"]) + 1
+        states.append(state)
+    if primary and any(run.first_epochs):
+        print(f"resumed from {base.workdir} at epochs {_epoch_ranges(run)}")
+    stacked = jax.device_put(stack_members(states), replicated)
+
+    loss_names = sorted({member.config.loss for member in run.members})
+    hyper = (
+        np.array([m.config.lr for m in run.members], run.dtype),
+        np.array(steps_per_epoch, np.int32),
+        np.array([loss_names.index(m.config.loss) for m in run.members], np.int32),
+    )
+    train_step = parallel_population_step(model, base.gamma, base.milestones, loss_names, devices)
+    eval_step = jax.pmap(
+        jax.vmap(make_eval_step(CheapNet(base.features, impl=base.impl))),
+        axis_name=AXIS,
+        in_axes=(None, 0, 0, 0),
+        out_axes=None,
+        devices=devices,
+    )
+    run.logs = [MetricsLog(Path(m.config.workdir)) if primary else None for m in run.members]
+    try:
+        for epoch in range(min(run.first_epochs), base.epochs):
+            taking_part = [
+                run.status[i] == "training" and epoch >= run.first_epochs[i]
+                for i in range(len(run.members))
+            ]
+            if not any(taking_part):
+                continue
+            stacked, losses = _train_epoch(
+                base, run, stacked, train_step, hyper, epoch, steps_per_epoch, taking_part, primary
+            )
+            counts = _validation_counts(eval_step, stacked, run, base.batch_size)
+            for i in range(len(run.members)):
+                if taking_part[i] and run.status[i] == "training":
+                    _finish_member_epoch(run, i, stacked, epoch, losses[i], counts[i], primary)
+            _report_epoch(base, run, epoch, taking_part, primary)
+        for i in range(len(run.members)):
+            if run.status[i] == "training":
+                run.status[i] = "finished"
+    finally:
+        _write_population_json(Path(base.workdir), base, run, primary)
+        for log in run.logs:
+            if log is not None:
+                log.close()
+    rows = summary_rows(run.members, run.status)
+    if primary:
+        for log in run.logs:
+            log.plot()
+        _write_summary(Path(base.workdir), rows)
+    return rows
+
+
+def _epoch_ranges(run: _Run) -> str:
+    epochs = sorted(set(run.first_epochs))
+    return ", ".join(str(e) for e in epochs)
+
+
+def _member_batch(dataset: Dataset, rows: np.ndarray, devices: int, dtype):
+    chosen = data.host_share(rows)
+    x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std).astype(dtype)
+    y = dataset.train_masks[chosen][..., None]
+    return data.shard_batch(x, devices), data.shard_batch(y, devices)
+
+
+def _train_epoch(
+    base, run, stacked, train_step, hyper, epoch, steps_per_epoch, taking_part, primary
+):
+    """One epoch of every member taking part; returns the state and each member's mean loss."""
+    batch = base.batch_size
+    orders = [
+        data.epoch_order(len(ds.train_images), m.config.seed, epoch)
+        for m, ds in zip(run.members, run.datasets, strict=True)
+    ]
+    steps = max(s for s, part in zip(steps_per_epoch, taking_part, strict=True) if part)
+
+    def prepare(index: int):
+        xs, ys, active = [], [], np.zeros(len(run.members), bool)
+        for i, dataset in enumerate(run.datasets):
+            active[i] = taking_part[i] and index < steps_per_epoch[i]
+            # A member sitting this step out still needs a batch of the right shape.
+            rows = (
+                orders[i][index * batch : (index + 1) * batch] if active[i] else orders[i][:batch]
+            )
+            x, y = _member_batch(dataset, rows, run.devices, run.dtype)
+            xs.append(x)
+            ys.append(y)
+        return np.stack(xs, axis=1), np.stack(ys, axis=1), active
+
+    losses: list[list[float]] = [[] for _ in run.members]
+    progress = tqdm(
+        total=steps,
+        desc=f"epoch {epoch + 1}/{base.epochs}",
+        unit="step",
+        disable=not (base.progress and primary),
+        leave=False,
+    )
+    outputs: list[dict] = []  # step outputs still on the device
+    flags: list[tuple[np.ndarray, int]] = []  # (active members, step index) of each
+    first_step = epoch * np.array(steps_per_epoch) + 1  # each member's first step this epoch
+    for index, (x, y, active) in enumerate(data.threaded_map(prepare, range(steps), 1, ahead=2)):
+        # A member found diverged at the last log point sits out from here on.
+        active &= np.array([status == "training" for status in run.status])
+        stacked, out = train_step(stacked, x, y, *hyper, active)
+        outputs.append(out)
+        flags.append((active, index))
+        if len(outputs) < LOG_EVERY and index + 1 < steps:
+            continue
+        # A log point: the one host sync for the steps since the last one.
+        for checked, (was_active, step_index) in zip(jax.device_get(outputs), flags, strict=True):
+            _check_members(run, checked, was_active, epoch, first_step + step_index, losses)
+        progress.update(len(outputs))
+        outputs, flags = [], []
+        progress.set_postfix(members=sum(status == "training" for status in run.status))
+    progress.close()
+    return stacked, [
+        float(np.mean(member_losses)) if member_losses else math.nan for member_losses in losses
+    ]
+
+
+def _check_members(run, checked, active, epoch, steps, losses) -> None:
+    for i, member in enumerate(run.members):
+        if not active[i] or run.status[i] != "training":
+            continue
+        loss = float(checked["loss"][i])
+        lr = learning_rate_at(member.config, epoch)
+        message = divergence(
+            loss, bool(checked["finite"][i]), member.config.workdir, epoch, int(steps[i]), lr
+        )
+        if message is None:
+            losses[i].append(loss)
+            continue
+        run.status[i] = "diverged"
+        run.messages[i] = message
+        print(f"member {member.name} stopped: {message}; the other members go on", file=sys.stderr)
+
+
+def _validation_counts(eval_step, stacked, run: _Run, batch: int) -> list[metrics.ConfusionCounts]:
+    """Every member's counts over its validation split (padded batches masked)."""
+    sizes = [len(ds.validation_images) for ds in run.datasets]
+    totals = [metrics.ConfusionCounts(0, 0, 0, 0) for _ in run.members]
+    for start in range(0, max(sizes), batch):
+        xs, ys, valids = [], [], []
+        for dataset, size in zip(run.datasets, sizes, strict=True):
+            positions = data.host_share(np.arange(start, start + batch))
+            chosen = np.minimum(positions, size - 1)
+            x = data.normalize(dataset.validation_images[chosen], dataset.mean, dataset.std)
+            xs.append(data.shard_batch(x.astype(run.dtype), run.devices))
+            ys.append(data.shard_batch(dataset.validation_masks[chosen][..., None], run.devices))
+            valids.append(data.shard_batch(positions < size, run.devices))
+        counts = np.asarray(
+            eval_step(stacked, np.stack(xs, 1), np.stack(ys, 1), np.stack(valids, 1))
+        )
+        totals = [
+            total + metrics.counts_from_array(c) for total, c in zip(totals, counts, strict=True)
+        ]
+    return totals
+
+
+def _finish_member_epoch(run, i, stacked, epoch, train_loss, counts, primary) -> None:
+    """Member ``i``'s epoch record and checkpoints, as its solo run writes them."""
+    member, dataset = run.members[i], run.datasets[i]
+    state = member_slice(stacked, i)
+    figures = {
+        "epoch": epoch,
+        "step": int(state.step),
+        "train_loss": train_loss,
+        "lr": learning_rate_at(member.config, epoch),
+        "validation": {**metrics.segmentation_metrics(counts), "confusion": counts._asdict()},
+    }
+    if run.logs[i] is not None:
+        run.logs[i].write(figures)
+    run.checkpoints[i].save(
+        state,
+        {
+            **figures,
+            "config": config_json(member.config),
+            "normalization": {"mean": dataset.mean, "std": dataset.std},
+        },
+    )
+
+
+def _report_epoch(base, run, epoch, taking_part, primary) -> None:
+    if not primary:
+        return
+    scores = []
+    for i, member in enumerate(run.members):
+        if taking_part[i] and run.status[i] == "training":
+            rows = _metric_rows(Path(member.config.workdir))
+            scores.append((rows[-1]["validation"]["miou"], member.name))
+    if not scores:
+        return
+    best, name = max(scores)
+    print(
+        f"epoch {epoch + 1}/{base.epochs}: {len(scores)} members, validation mIoU "
+        f"{min(scores)[0]:.4f}..{best:.4f} (best {name})"
+    )
+
+
+def _metric_rows(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+SUMMARY_COLUMNS = ("member", "settings", "status", "best_epoch", "miou", "iou_defect")
+
+
+def summary_rows(members: list[Member], status: list[str]) -> list[dict]:
+    """A row per member: its settings, status and best validation epoch (from metrics.jsonl,
+    so that resumed epochs count)."""
+    rows = []
+    for member, member_status in zip(members, status, strict=True):
+        records = _metric_rows(Path(member.config.workdir))
+        best = max(records, key=lambda r: r["validation"]["miou"], default=None)
+        rows.append(
+            {
+                "member": member.name,
+                "settings": " ".join(
+                    f"{k}={_value_name(k, v)}" for k, v in member.settings.items()
+                ),
+                "status": member_status,
+                "best_epoch": None if best is None else best["epoch"] + 1,
+                "miou": None if best is None else best["validation"]["miou"],
+                "iou_defect": None if best is None else best["validation"]["iou_defect"],
+            }
+        )
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """The summary as an aligned text table."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    table = [list(SUMMARY_COLUMNS)] + [[cell(row[c]) for c in SUMMARY_COLUMNS] for row in rows]
+    widths = [max(len(line[c]) for line in table) for c in range(len(SUMMARY_COLUMNS))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    )
+
+
+def _write_summary(workdir: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(workdir / SUMMARY_FILE, buffer.getvalue())
+    print(format_summary(rows))
+    print(f"written: {workdir / SUMMARY_FILE}, {workdir / POPULATION_FILE}")

@@ -1,0 +1,232 @@
+"""Population training (`cheapnet_jax.population`, ``train.py --population``): every member
+equal to its solo run, members that differ in data size, divergence, kill and resume, and the
+members' folders read by the other tools."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, cli_env, run_tool, small_config
+
+from cheapnet_jax.checkpoints import load_orbax_checkpoint
+from cheapnet_jax.errors import SettingsError
+from cheapnet_jax.population import (
+    parse_axis,
+    population_grid,
+    population_members,
+    train_population,
+)
+from cheapnet_jax.synthetic import write_dagm_folder
+from cheapnet_jax.training import train_and_evaluate
+
+
+def test_axes_parse_ranges_lists_and_classes():
+    assert parse_axis("seed=0..3") == ("seed", (0, 1, 2, 3))
+    assert parse_axis("seed=0..1,5") == ("seed", (0, 1, 5))
+    assert parse_axis("lr=0.01,1e-3") == ("lr", (0.01, 0.001))
+    assert parse_axis("classes=9..10") == ("classes", ((9,), (10,)))
+    assert parse_axis("loss=bce-sigmoid") == ("loss", ("bce-sigmoid",))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed", "expected KEY=VALUES"),
+        ("width=2,4", "members may differ in seed, lr, loss, classes, data, not 'width'"),
+        ("seed=3..1", "empty range '3..1'"),
+        ("seed=a", "invalid literal"),
+        ("lr=0.01,-1", "finite numbers > 0"),
+        ("lr=nan", "finite numbers > 0"),
+        ("classes=0,11", "DAGM classes are 1..10"),
+        ("loss=mse", "unknown loss 'mse'"),
+        ("seed=1,1", "a value is repeated"),
+    ],
+)
+def test_bad_axes_say_what_was_wrong(text, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_axis(text)
+
+
+def test_the_grid_is_every_combination_with_folder_names(tmp_path):
+    grid = population_grid([parse_axis("lr=0.01,0.003,0.001"), parse_axis("seed=0,1")])
+    assert len(grid) == 6 and grid[1] == {"lr": 0.01, "seed": 1}
+    members = population_members(small_config(tmp_path), grid)
+    assert members[1].name == "lr-0.01_seed-1"
+    assert members[1].config.workdir == str(tmp_path / "members" / "lr-0.01_seed-1")
+    assert (members[5].config.lr, members[5].config.seed) == (0.001, 1)
+    with pytest.raises(SettingsError, match="names seed twice"):
+        population_grid([parse_axis("seed=0"), parse_axis("seed=1")])
+    with pytest.raises(SettingsError, match="has no DAGM classes"):
+        population_members(small_config(tmp_path), population_grid([parse_axis("classes=1,2")]))
+    same_name = population_grid([parse_axis(f"data={tmp_path}/a/x,{tmp_path}/b/x")])
+    with pytest.raises(SettingsError, match="both be named 'data-x'"):
+        population_members(small_config(tmp_path), same_name)
+
+
+def assert_equal_to_solo(member_workdir, solo_workdir) -> None:
+    """float64: every parameter and statistic to 1e-9 relative. The conv biases feeding a
+    BatchNorm have gradients of pure rounding noise (about 1e-17, BatchNorm cancels them) and
+    stay near 1e-12; the absolute 1e-9 covers them."""
+    _, ours, ours_meta = load_orbax_checkpoint(member_workdir)
+    _, theirs, theirs_meta = load_orbax_checkpoint(solo_workdir)
+    assert ours_meta["step"] == theirs_meta["step"] and ours_meta["epoch"] == theirs_meta["epoch"]
+    assert ours_meta["config"] == {**theirs_meta["config"], "workdir": str(member_workdir)}
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert a.dtype == b.dtype == np.float64
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-9)
+
+
+def test_members_equal_their_solo_runs_on_one_device(tmp_path):
+    """Seeds (initialisation, data order, synthetic data) and learning rates, 2 epochs across
+    a learning-rate milestone."""
+    with jax.enable_x64(True):
+        base = small_config(tmp_path / "population", dtype="float64")
+        grid = population_grid([parse_axis("seed=0,1"), parse_axis("lr=0.01,0.002")])
+        rows = train_population(base, grid)
+        assert [row["status"] for row in rows] == ["finished"] * 4
+        for member in population_members(base, grid):
+            solo = small_config(tmp_path / member.name, dtype="float64", **member.settings)
+            train_and_evaluate(solo)
+            assert_equal_to_solo(tmp_path / "population" / "members" / member.name, solo.workdir)
+
+
+def test_members_of_other_classes_and_losses_equal_their_solo_runs_on_two_devices(tmp_path):
+    """Class 1 has 10 defective images (8 train: 2 steps of 4), class 2 has 15 (12: 3 steps):
+    class 1's members sit out every third step. Two losses, one compiled step."""
+    root = tmp_path / "dagm"
+    write_dagm_folder(root / "Class1" / "Train", count=10, size=32, seed=1, class_id=1)
+    write_dagm_folder(root / "Class2" / "Train", count=15, size=32, seed=2, class_id=2)
+    with jax.enable_x64(True):
+        base = small_config(tmp_path / "population", dtype="float64", devices=2, data=str(root))
+        grid = population_grid(
+            [parse_axis("classes=1,2"), parse_axis("loss=bce-logits,bce-sigmoid")]
+        )
+        train_population(base, grid)
+        for member in population_members(base, grid):
+            solo = small_config(
+                tmp_path / member.name,
+                dtype="float64",
+                devices=2,
+                data=str(root),
+                **member.settings,
+            )
+            train_and_evaluate(solo)
+            assert_equal_to_solo(tmp_path / "population" / "members" / member.name, solo.workdir)
+        steps = {
+            m.name: load_orbax_checkpoint(m.config.workdir)[2]["step"]
+            for m in population_members(base, grid)
+        }
+        assert steps["classes-1_loss-bce-logits"] == 4 and steps["classes-2_loss-bce-logits"] == 6
+
+
+def test_a_diverging_member_stops_and_the_others_go_on(tmp_path, capsys):
+    base = small_config(tmp_path, epochs=2)
+    # A learning rate that overflows float32: the first update is not finite.
+    grid = population_grid([parse_axis("lr=0.01,1e39")])
+    rows = train_population(base, grid)
+    assert [(row["member"], row["status"]) for row in rows] == [
+        ("lr-0.01", "finished"),
+        ("lr-1e+39", "diverged"),
+    ]
+    assert "member lr-1e+39 stopped: parameters became NaN/inf at epoch 1, step 1" in (
+        capsys.readouterr().err
+    )
+    saved = json.loads((tmp_path / "population.json").read_text())["members"]
+    assert saved[1]["status"] == "diverged" and "epoch 1, step 1" in saved[1]["message"]
+    assert not any((tmp_path / "members" / "lr-1e+39" / "checkpoints" / "latest").iterdir())
+    _, variables, meta = load_orbax_checkpoint(tmp_path / "members" / "lr-0.01")
+    assert meta["epoch"] == 1 and all(np.isfinite(v).all() for v in jax.tree.leaves(variables))
+
+
+POPULATION_RUN = [
+    "--variant", "S", "--epochs", "4", "--image-size", "64", "--synthetic-train", "16",
+    "--synthetic-validation", "4", "--batch-size", "4", "--milestones", "3", "--no-progress",
+    "--population", "seed=0..3",
+]  # fmt: skip
+
+
+def start_population(workdir, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--workdir", str(workdir)]
+    return subprocess.Popen(
+        [*command, *POPULATION_RUN, *extra],
+        env=cli_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def latest_step(workdir):
+    """The step folder of a run's latest checkpoint (a workdir alone reads as its best)."""
+    latest = workdir / "checkpoints" / "latest"
+    return max((p for p in latest.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def test_a_killed_population_resumes_every_member_bit_identically(tmp_path):
+    """Killed as soon as the first member's first checkpoint is written (so that members stand
+    at different epochs), then resumed; then refused with another population; then a member's
+    folder evaluated by evaluate.py as any run."""
+    uninterrupted = start_population(tmp_path / "a")
+    out, err = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, err
+    killed = start_population(tmp_path / "b")
+    latest = tmp_path / "b" / "members" / "seed-0" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (
+        latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
+    ):
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = start_population(tmp_path / "b")
+    output, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in output
+    for seed in range(4):
+        a = load_orbax_checkpoint(latest_step(tmp_path / "a" / "members" / f"seed-{seed}"))
+        b = load_orbax_checkpoint(latest_step(tmp_path / "b" / "members" / f"seed-{seed}"))
+        assert a[2]["epoch"] == b[2]["epoch"] == 3
+        for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1]), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = list(csv.DictReader((tmp_path / "b" / "population.csv").open()))
+    assert [row["member"] for row in rows] == [f"seed-{s}" for s in range(4)]
+    assert {row["status"] for row in rows} == {"finished"}
+    best = max(
+        (
+            json.loads(line)
+            for line in (tmp_path / "b" / "members" / "seed-2" / "metrics.jsonl").open()
+        ),
+        key=lambda r: r["validation"]["miou"],
+    )
+    assert float(rows[2]["miou"]) == pytest.approx(best["validation"]["miou"])
+    assert "seed-0" in out and "best_epoch" in out  # the summary table
+
+    other = start_population(tmp_path / "b", "--population", "seed=0..4")
+    _, err = other.communicate(timeout=600)
+    assert other.returncode == 1
+    assert err.strip().splitlines() == [
+        f"error: {tmp_path / 'b'} holds another population (new members: seed-4): "
+        "use another --workdir"
+    ]
+
+    evaluated = run_tool(
+        "evaluate.py",
+        "--checkpoint", str(tmp_path / "b" / "members" / "seed-2"),
+        "--data", "synthetic", "--image-size", "64", "--no-progress",
+        "--json", str(tmp_path / "seed-2.json"),
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    figures = json.loads((tmp_path / "seed-2.json").read_text())
+    member_meta = load_orbax_checkpoint(tmp_path / "b" / "members" / "seed-2")[2]
+    assert figures["checkpoint"].startswith(str(tmp_path / "b" / "members" / "seed-2"))
+    assert figures["normalization"] == member_meta["normalization"]  # the member's own
+    assert 0 <= figures["miou"] <= 1
