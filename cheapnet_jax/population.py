@@ -56,20 +56,25 @@ from cheapnet_jax.training import (
     LOG_EVERY,
     Dataset,
     TrainConfig,
-    TrainState,
-    cast_floats,
-    changed_settings,
     check_config,
+    check_resumable,
+    checkpoint_meta,
     config_json,
-    create_state,
     divergence,
+    epoch_figures,
+    initial_state,
     learning_rate_at,
-    learning_rate_schedule,
     load_dataset,
     make_eval_step,
+    make_optimizer,
     make_train_step,
+    parallel_eval_step,
+    replicated_sharding,
     stepped_learning_rate,
+    training_batch,
     training_devices,
+    validation_batch,
+    write_run_files,
 )
 
 MEMBER_KEYS = ("seed", "lr", "loss", "classes", "data")
@@ -252,7 +257,7 @@ class _Run:
     first_epochs: list[int]
     status: list[str]  # "training", "finished" or "diverged"
     messages: list[str]
-    devices: int
+    devices: int  # this process's devices: each host's share of a batch is split over them
     dtype: type
 
 
@@ -270,10 +275,6 @@ def train_population(
     for member in members:
         check_config(member.config)
     devices = training_devices(base)
-    if base.batch_size % len(devices):
-        raise SettingsError(
-            f"--batch-size {base.batch_size} must be a multiple of the {len(devices)} devices"
-        )
     primary = jax.process_index() == 0
     workdir = Path(base.workdir)
     lock = exclusive_lock(workdir, "training run") if primary else contextlib.nullcontext()
@@ -283,22 +284,14 @@ def train_population(
         for member in members:
             checkpoints.append(Checkpoints(member.config.workdir, base.keep_checkpoints))
             closing.callback(checkpoints[-1].close)
-            meta = checkpoints[-1].latest_meta()
-            changes = [] if meta is None else changed_settings(meta["config"], member.config)
-            if changes and not allow_changes:
-                raise SettingsError(
-                    f"{member.config.workdir} holds a run with other settings "
-                    f"({'; '.join(changes)}): use another --workdir, or --allow-changes"
-                )
+            if not allow_changes:
+                check_resumable(checkpoints[-1].latest_meta(), member.config)
         status = [saved.get(m.name, {}).get("status", "training") for m in members]
         status = ["training" if s == "finished" else s for s in status]  # more epochs, maybe
         messages = [saved.get(m.name, {}).get("message", "") for m in members]
         if primary:
             for member in members:
-                folder = Path(member.config.workdir)
-                config_text = json.dumps(config_json(member.config), indent=2) + "\n"
-                write_atomic(folder / "config.json", config_text)
-                write_atomic(folder / "command.txt", " ".join(sys.argv) + "\n")
+                write_run_files(member.config)
         run = _Run(
             members=members,
             datasets=[],
@@ -307,7 +300,7 @@ def train_population(
             first_epochs=[0] * len(members),
             status=status,
             messages=messages,
-            devices=len(devices),
+            devices=base.devices,
             dtype=DTYPES[base.dtype],
         )
         _write_population_json(workdir, base, run, primary)
@@ -360,11 +353,6 @@ def _write_population_json(workdir: Path, base: TrainConfig, run: _Run, primary:
     write_atomic(workdir / POPULATION_FILE, json.dumps(document, indent=2) + "\n")
 
 
-def _initial_state(member: Member, model: CheapNet, steps_per_epoch: int, dtype) -> TrainState:
-    optimizer = optax.adam(learning_rate_schedule(member.config, steps_per_epoch))
-    return cast_floats(create_state(model, optimizer, jax.random.key(member.config.seed)), dtype)
-
-
 def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[dict]:
     run.datasets = [load_dataset(member.config) for member in run.members]
     shapes = {ds.train_images.shape[1:] for ds in run.datasets}
@@ -378,12 +366,11 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
             )
     steps_per_epoch = [len(ds.train_images) // base.batch_size for ds in run.datasets]
     model = CheapNet(base.features, impl=base.impl, bn_axis_name=AXIS)
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
-    )
+    replicated = replicated_sharding(devices)
     states = []
     for i, member in enumerate(run.members):
-        state = _initial_state(member, model, steps_per_epoch[i], run.dtype)
+        optimizer = make_optimizer(member.config, steps_per_epoch[i])
+        state = initial_state(member.config, model, optimizer)
         restored = run.checkpoints[i].restore_latest(state, replicated)
         if restored is not None:
             state, meta = restored
@@ -400,12 +387,8 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
         np.array([loss_names.index(m.config.loss) for m in run.members], np.int32),
     )
     train_step = parallel_population_step(model, base.gamma, base.milestones, loss_names, devices)
-    eval_step = jax.pmap(
-        jax.vmap(make_eval_step(CheapNet(base.features, impl=base.impl))),
-        axis_name=AXIS,
-        in_axes=(None, 0, 0, 0),
-        out_axes=None,
-        devices=devices,
+    eval_step = parallel_eval_step(
+        jax.vmap(make_eval_step(CheapNet(base.features, impl=base.impl))), devices
     )
     run.logs = [MetricsLog(Path(m.config.workdir)) if primary else None for m in run.members]
     try:
@@ -420,10 +403,13 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
                 base, run, stacked, train_step, hyper, epoch, steps_per_epoch, taking_part, primary
             )
             counts = _validation_counts(eval_step, stacked, run, base.batch_size)
-            for i in range(len(run.members)):
-                if taking_part[i] and run.status[i] == "training":
-                    _finish_member_epoch(run, i, stacked, epoch, losses[i], counts[i], primary)
-            _report_epoch(base, run, epoch, taking_part, primary)
+            scores = [
+                (_finish_member_epoch(run, i, stacked, epoch, losses[i], counts[i]), name)
+                for i, name in enumerate(m.name for m in run.members)
+                if taking_part[i] and run.status[i] == "training"
+            ]
+            if primary and scores:
+                _report_epoch(base, epoch, scores)
         for i in range(len(run.members)):
             if run.status[i] == "training":
                 run.status[i] = "finished"
@@ -445,13 +431,6 @@ def _epoch_ranges(run: _Run) -> str:
     return ", ".join(str(e) for e in epochs)
 
 
-def _member_batch(dataset: Dataset, rows: np.ndarray, devices: int, dtype):
-    chosen = data.host_share(rows)
-    x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std).astype(dtype)
-    y = dataset.train_masks[chosen][..., None]
-    return data.shard_batch(x, devices), data.shard_batch(y, devices)
-
-
 def _train_epoch(
     base, run, stacked, train_step, hyper, epoch, steps_per_epoch, taking_part, primary
 ):
@@ -471,7 +450,7 @@ def _train_epoch(
             rows = (
                 orders[i][index * batch : (index + 1) * batch] if active[i] else orders[i][:batch]
             )
-            x, y = _member_batch(dataset, rows, run.devices, run.dtype)
+            x, y = training_batch(dataset, rows, run.devices, run.dtype)
             xs.append(x)
             ys.append(y)
         return np.stack(xs, axis=1), np.stack(ys, axis=1), active
@@ -529,56 +508,42 @@ def _validation_counts(eval_step, stacked, run: _Run, batch: int) -> list[metric
     sizes = [len(ds.validation_images) for ds in run.datasets]
     totals = [metrics.ConfusionCounts(0, 0, 0, 0) for _ in run.members]
     for start in range(0, max(sizes), batch):
-        xs, ys, valids = [], [], []
-        for dataset, size in zip(run.datasets, sizes, strict=True):
-            positions = data.host_share(np.arange(start, start + batch))
-            chosen = np.minimum(positions, size - 1)
-            x = data.normalize(dataset.validation_images[chosen], dataset.mean, dataset.std)
-            xs.append(data.shard_batch(x.astype(run.dtype), run.devices))
-            ys.append(data.shard_batch(dataset.validation_masks[chosen][..., None], run.devices))
-            valids.append(data.shard_batch(positions < size, run.devices))
-        counts = np.asarray(
-            eval_step(stacked, np.stack(xs, 1), np.stack(ys, 1), np.stack(valids, 1))
-        )
+        per_member = [
+            validation_batch(
+                ds.validation_images,
+                ds.validation_masks,
+                start,
+                batch,
+                run.devices,
+                ds.mean,
+                ds.std,
+                run.dtype,
+            )
+            for ds in run.datasets
+        ]
+        # (x, masks, valid), each [devices, members, b, ...]
+        stacked_batch = [np.stack(parts, axis=1) for parts in zip(*per_member, strict=True)]
+        counts = np.asarray(eval_step(stacked, *stacked_batch))
         totals = [
             total + metrics.counts_from_array(c) for total, c in zip(totals, counts, strict=True)
         ]
     return totals
 
 
-def _finish_member_epoch(run, i, stacked, epoch, train_loss, counts, primary) -> None:
-    """Member ``i``'s epoch record and checkpoints, as its solo run writes them."""
-    member, dataset = run.members[i], run.datasets[i]
+def _finish_member_epoch(run, i, stacked, epoch, train_loss, counts) -> float:
+    """Member ``i``'s epoch record and checkpoints, as its solo run writes them; returns its
+    validation mIoU."""
+    member = run.members[i]
     state = member_slice(stacked, i)
-    figures = {
-        "epoch": epoch,
-        "step": int(state.step),
-        "train_loss": train_loss,
-        "lr": learning_rate_at(member.config, epoch),
-        "validation": {**metrics.segmentation_metrics(counts), "confusion": counts._asdict()},
-    }
+    figures = epoch_figures(member.config, epoch, state, train_loss, counts)
     if run.logs[i] is not None:
         run.logs[i].write(figures)
-    run.checkpoints[i].save(
-        state,
-        {
-            **figures,
-            "config": config_json(member.config),
-            "normalization": {"mean": dataset.mean, "std": dataset.std},
-        },
-    )
+    run.checkpoints[i].save(state, checkpoint_meta(figures, member.config, run.datasets[i]))
+    return figures["validation"]["miou"]
 
 
-def _report_epoch(base, run, epoch, taking_part, primary) -> None:
-    if not primary:
-        return
-    scores = []
-    for i, member in enumerate(run.members):
-        if taking_part[i] and run.status[i] == "training":
-            rows = _metric_rows(Path(member.config.workdir))
-            scores.append((rows[-1]["validation"]["miou"], member.name))
-    if not scores:
-        return
+def _report_epoch(base: TrainConfig, epoch: int, scores: list[tuple[float, str]]) -> None:
+    """One line per epoch: the range of the members' validation mIoU and the best member."""
     best, name = max(scores)
     print(
         f"epoch {epoch + 1}/{base.epochs}: {len(scores)} members, validation mIoU "

@@ -185,6 +185,20 @@ def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.S
     return lambda count: learning_rate_at(config, count // steps_per_epoch)
 
 
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam on `learning_rate_schedule`: the paper's optimizer."""
+    return optax.adam(learning_rate_schedule(config, steps_per_epoch))
+
+
+def initial_state(
+    config: TrainConfig, model: CheapNet, optimizer: optax.GradientTransformation
+) -> TrainState:
+    """`create_state` from ``config.seed``, its floats in ``config.dtype``."""
+    return cast_floats(
+        create_state(model, optimizer, jax.random.key(config.seed)), DTYPES[config.dtype]
+    )
+
+
 def create_state(
     model: CheapNet, optimizer: optax.GradientTransformation, rng: jax.Array
 ) -> TrainState:
@@ -255,6 +269,20 @@ def parallel_train_step(
     )
 
 
+def replicated_sharding(devices: list[jax.Device]) -> jax.sharding.NamedSharding:
+    """The whole of an array on each of ``devices``: where a train state lives between steps,
+    as pmap returns it (out_axes=None), so that the first and later steps share one program."""
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
+    )
+
+
+def parallel_eval_step(step: Callable, devices: list[jax.Device]) -> Callable:
+    """An eval step (`make_eval_step`, or a vmap of it) data-parallel over ``devices``: the
+    state unreplicated, x, masks and valid with a leading device axis, the counts psum-ed."""
+    return jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0, 0), out_axes=None, devices=devices)
+
+
 def make_eval_step(model: CheapNet) -> Callable:
     """Confusion counts of one device's share, psum-ed; padded examples carry valid=False."""
 
@@ -281,20 +309,40 @@ def validation_counts(
     """Counts over the whole validation split: the last batch is padded and masked."""
     totals = metrics.ConfusionCounts(0, 0, 0, 0)
     for start in range(0, len(images), batch_size):
-        # This host's share of the (padded) global batch; padded positions are invalid.
-        positions = data.host_share(np.arange(start, start + batch_size))
-        valid = positions < len(images)
-        chosen = np.minimum(positions, len(images) - 1)
-        x = data.normalize(images[chosen], mean, std).astype(dtype)
-        y = masks[chosen][..., None]
-        counts = eval_step(
-            state,
-            data.shard_batch(x, devices),
-            data.shard_batch(y, devices),
-            data.shard_batch(valid, devices),
-        )
-        totals = totals + metrics.counts_from_array(counts)
+        batch = validation_batch(images, masks, start, batch_size, devices, mean, std, dtype)
+        totals = totals + metrics.counts_from_array(eval_step(state, *batch))
     return totals
+
+
+def validation_batch(
+    images: np.ndarray,
+    masks: np.ndarray,
+    start: int,
+    batch_size: int,
+    devices: int,
+    mean: float,
+    std: float,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, masks, valid)`` of this host's share of the global batch from ``start``, each
+    ``[devices, b, ...]``; positions past the end repeat the last image and are invalid."""
+    positions = data.host_share(np.arange(start, start + batch_size))
+    valid = positions < len(images)
+    chosen = np.minimum(positions, len(images) - 1)
+    x = data.normalize(images[chosen], mean, std).astype(dtype)
+    y = masks[chosen][..., None]
+    return tuple(data.shard_batch(a, devices) for a in (x, y, valid))
+
+
+def training_batch(
+    dataset: Dataset, rows: np.ndarray, devices: int, dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, masks)`` of this host's share of the global batch ``rows`` (example indices),
+    normalised by the dataset's statistics, each ``[devices, b, H, W, 1]``."""
+    chosen = data.host_share(rows)
+    x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std).astype(dtype)
+    y = dataset.train_masks[chosen][..., None]
+    return data.shard_batch(x, devices), data.shard_batch(y, devices)
 
 
 def config_json(config: TrainConfig) -> dict:
@@ -346,21 +394,46 @@ def changed_settings(saved: Mapping, config: TrainConfig) -> list[str]:
     ]
 
 
+def check_resumable(saved_meta: Mapping | None, config: TrainConfig) -> None:
+    """SettingsError naming the `RESUME_SETTINGS` in which the run whose latest checkpoint
+    has ``saved_meta`` (None: nothing saved yet) differs from ``config``."""
+    changes = [] if saved_meta is None else changed_settings(saved_meta["config"], config)
+    if changes:
+        raise SettingsError(
+            f"{Path(config.workdir)} holds a run with other settings ({'; '.join(changes)}): "
+            "use another --workdir, or --allow-changes to continue it with the new ones"
+        )
+
+
+def write_run_files(config: TrainConfig) -> None:
+    """The workdir's ``config.json`` and ``command.txt`` (the command line that started it)."""
+    workdir = Path(config.workdir)
+    write_atomic(workdir / "config.json", json.dumps(config_json(config), indent=2) + "\n")
+    write_atomic(workdir / "command.txt", " ".join(sys.argv) + "\n")
+
+
 def training_devices(config: TrainConfig) -> list[jax.Device]:
-    """The devices pmap spans: ``config.devices`` local ones, or every process's devices."""
+    """The devices pmap spans: ``config.devices`` local ones, or every process's devices;
+    SettingsError when they are not there or the global batch does not split over them."""
     local = jax.local_devices()
     if len(local) < config.devices:
         raise SettingsError(
             f"--devices {config.devices}: only {len(local)} {jax.default_backend()} devices here"
         )
     if jax.process_count() == 1:
-        return local[: config.devices]
-    if config.devices != len(local):
+        devices = local[: config.devices]
+    elif config.devices != len(local):
         raise SettingsError(
             f"--devices {config.devices}: with several processes each must use all its "
             f"{len(local)} local devices"
         )
-    return jax.devices()
+    else:
+        devices = jax.devices()
+    if config.batch_size % len(devices):
+        raise SettingsError(
+            f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices"
+        )
+    return devices
 
 
 def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> dict:
@@ -374,10 +447,6 @@ def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> d
     """
     check_config(config)
     devices = training_devices(config)
-    if config.batch_size % len(devices):
-        raise SettingsError(
-            f"--batch-size {config.batch_size} must be a multiple of the {len(devices)} devices"
-        )
     primary = jax.process_index() == 0
     workdir = Path(config.workdir)
     # Process 0 holds the workdir's lock for the run: a second run on it stops at once.
@@ -389,17 +458,10 @@ def _locked_train(config: TrainConfig, devices: list, primary: bool, allow_chang
     workdir = Path(config.workdir)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
-        saved = checkpoints.latest_meta()
-        if saved is not None and not allow_changes:
-            changes = changed_settings(saved["config"], config)
-            if changes:
-                raise SettingsError(
-                    f"{workdir} holds a run with other settings ({'; '.join(changes)}): "
-                    "use another --workdir, or --allow-changes to continue it with the new ones"
-                )
+        if not allow_changes:
+            check_resumable(checkpoints.latest_meta(), config)
         if primary:
-            write_atomic(workdir / "config.json", json.dumps(config_json(config), indent=2) + "\n")
-            write_atomic(workdir / "command.txt", " ".join(sys.argv) + "\n")
+            write_run_files(config)
         return _train(config, checkpoints, devices, primary)
     finally:
         checkpoints.close()
@@ -415,13 +477,9 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     dtype = DTYPES[config.dtype]
     model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
-    optimizer = optax.adam(learning_rate_schedule(config, steps_per_epoch))
-    state = cast_floats(create_state(model, optimizer, jax.random.key(config.seed)), dtype)
-    # The state lives replicated over the devices' mesh, as pmap returns it (out_axes=None),
-    # so that the first and later steps share one compiled program.
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec()
-    )
+    optimizer = make_optimizer(config, steps_per_epoch)
+    state = initial_state(config, model, optimizer)
+    replicated = replicated_sharding(devices)
     restored = checkpoints.restore_latest(state, replicated)
     first_epoch = 0
     if restored is not None:
@@ -433,12 +491,8 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
         state = jax.device_put(state, replicated)
 
     train_step = parallel_train_step(model, optimizer, devices, LOSSES[config.loss])
-    eval_step = jax.pmap(
-        make_eval_step(CheapNet(config.features, impl=config.impl)),
-        axis_name=AXIS,
-        in_axes=(None, 0, 0, 0),
-        out_axes=None,
-        devices=devices,
+    eval_step = parallel_eval_step(
+        make_eval_step(CheapNet(config.features, impl=config.impl)), devices
     )
     log = MetricsLog(Path(config.workdir)) if primary else None
     figures: dict = {}
@@ -458,26 +512,10 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
                 dataset.std,
                 dtype,
             )
-            figures = {
-                "epoch": epoch,
-                "step": int(state.step),
-                "train_loss": train_loss,
-                "lr": learning_rate_at(config, epoch),
-                "validation": {
-                    **metrics.segmentation_metrics(counts),
-                    "confusion": counts._asdict(),
-                },
-            }
+            figures = epoch_figures(config, epoch, state, train_loss, counts)
             if log is not None:
                 log.write(figures)
-            checkpoints.save(
-                state,
-                {
-                    **figures,
-                    "config": config_json(config),
-                    "normalization": {"mean": dataset.mean, "std": dataset.std},
-                },
-            )
+            checkpoints.save(state, checkpoint_meta(figures, config, dataset))
             v = figures["validation"]
             if primary:
                 print(
@@ -490,6 +528,33 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
     if log is not None:
         log.plot()
     return figures
+
+
+def epoch_figures(
+    config: TrainConfig,
+    epoch: int,
+    state: TrainState,
+    train_loss: float,
+    counts: metrics.ConfusionCounts,
+) -> dict:
+    """An epoch's line of metrics.jsonl: step, mean training loss, lr, validation metrics."""
+    return {
+        "epoch": epoch,
+        "step": int(state.step),
+        "train_loss": train_loss,
+        "lr": learning_rate_at(config, epoch),
+        "validation": {**metrics.segmentation_metrics(counts), "confusion": counts._asdict()},
+    }
+
+
+def checkpoint_meta(figures: dict, config: TrainConfig, dataset: Dataset) -> dict:
+    """What a checkpoint records beside the arrays: the epoch's figures, the run's config
+    and the normalisation its inputs had."""
+    return {
+        **figures,
+        "config": config_json(config),
+        "normalization": {"mean": dataset.mean, "std": dataset.std},
+    }
 
 
 def cast_floats(tree, dtype):
@@ -514,10 +579,8 @@ def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch, pri
     )
 
     def prepare(index: int) -> tuple[np.ndarray, np.ndarray]:
-        chosen = data.host_share(order[index * config.batch_size : (index + 1) * config.batch_size])
-        x = data.normalize(dataset.train_images[chosen], dataset.mean, dataset.std).astype(dtype)
-        y = dataset.train_masks[chosen][..., None]
-        return data.shard_batch(x, config.devices), data.shard_batch(y, config.devices)
+        rows = order[index * config.batch_size : (index + 1) * config.batch_size]
+        return training_batch(dataset, rows, config.devices, dtype)
 
     start = time.perf_counter()
     first_step = epoch * steps_per_epoch + 1  # runs resume at epoch boundaries

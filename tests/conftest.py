@@ -28,8 +28,10 @@ if os.environ.get("CHEAPNET_TEST_CACHE", "1") != "0":
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,6 +67,18 @@ def run_tool(
         env=cli_env(devices),
         timeout=timeout,
     )
+
+
+def kill_at_first_checkpoint(process: subprocess.Popen, latest: Path, timeout: float = 600):
+    """SIGKILL ``process`` as soon as a step folder appears in ``latest`` (a checkpoints/latest
+    folder); fails the test when the process had ended before."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (
+        latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
+    ):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
 
 
 def checkpoint_path(features: int) -> Path:

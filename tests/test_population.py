@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, cli_env, run_tool, small_config
+from conftest import REPO_ROOT, cli_env, kill_at_first_checkpoint, run_tool, small_config
 
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.errors import SettingsError
@@ -180,13 +178,7 @@ def test_a_killed_population_resumes_every_member_bit_identically(tmp_path):
     assert uninterrupted.returncode == 0, err
     killed = start_population(tmp_path / "b")
     latest = tmp_path / "b" / "members" / "seed-0" / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (
-        latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
-    ):
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_first_checkpoint(killed, latest)
     resumed = start_population(tmp_path / "b")
     output, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO_ROOT, checkpoint_path, cli_env, small_config
+from conftest import REPO_ROOT, checkpoint_path, cli_env, kill_at_first_checkpoint, small_config
 
 from cheapnet_jax import CheapNet, synthetic
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
@@ -226,13 +224,7 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert uninterrupted.wait(timeout=600) == 0
     killed = run_train(tmp_path / "b")
     latest = tmp_path / "b" / "checkpoints" / "latest"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (
-        latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
-    ):
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    assert killed.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_first_checkpoint(killed, latest)
     resumed = run_train(tmp_path / "b")
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and "resumed from" in output
