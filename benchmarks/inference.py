@@ -1,18 +1,24 @@
-"""CheapNet inference side by side: JAX (fused and lax paths) vs PyTorch eager vs ONNX Runtime.
+"""CheapNet inference side by side: JAX (fused and lax paths) vs PyTorch eager vs ONNX Runtime
+vs OpenVINO.
 
     .venv/bin/python benchmarks/inference.py [--features 2,32] [--batch-sizes 1,8] \
-        [--rounds 20] [--json out/inference.json]
+        [--rounds 20] [--json out/inference.json] [--xla-max-isa AVX2]
 
 All frameworks run the same weights (the authors' checkpoints from ../shared when present,
 else random ones) on 512x512 float32 input, in one process, interleaved: each round times one
-call of every framework in turn, so that machine noise hits all of them alike. Reports the
-median images/s and ratios. Needs the extras `torch` and ONNX Runtime (`onnxruntime`, `onnx`).
+call of every framework in turn (after a pause that lets the previous one's threads go idle),
+so that machine noise hits all of them alike. Reports the
+median images/s and ratios, and the CPU with its vector extensions. Needs the extras `torch`
+and `bench` (ONNX Runtime); OpenVINO (`pip install openvino`) runs the same ONNX graph where it
+is installed. ``--xla-max-isa AVX2`` limits JAX's code generation to AVX2 (the other frameworks
+keep what the CPU has): a pessimistic stand-in for an AVX2-only CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import time
@@ -22,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# cheapnet_jax first, before torch or JAX start threads (cheapnet_jax.host_allocator).
+import cheapnet_jax
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the independent PyTorch CheapNet of the tests
 
@@ -29,12 +38,13 @@ import torch  # noqa: E402
 from torch_reference import TorchCheapNet  # noqa: E402
 
 from cheapnet_jax import CheapNet  # noqa: E402
-from cheapnet_jax.bench import format_table, write_json  # noqa: E402
+from cheapnet_jax.bench import format_table, machine_description, write_json  # noqa: E402
 from cheapnet_jax.model import inference_logits  # noqa: E402
 from cheapnet_jax.torch_import import state_dict_to_variables  # noqa: E402
 
 CHECKPOINTS = ROOT.parent / "shared" / "torch-checkpoints"
 SIZE = 512
+SETTLE_S = 0.05
 
 
 def torch_model(features: int) -> TorchCheapNet:
@@ -46,9 +56,7 @@ def torch_model(features: int) -> TorchCheapNet:
     return model.eval()
 
 
-def onnx_session(model: TorchCheapNet):
-    import onnxruntime
-
+def onnx_graph(model: TorchCheapNet) -> bytes:
     buffer = io.BytesIO()
     example = torch.zeros(1, 1, SIZE, SIZE)
     torch.onnx.export(
@@ -60,9 +68,26 @@ def onnx_session(model: TorchCheapNet):
         dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
         dynamo=False,
     )
+    return buffer.getvalue()
+
+
+def onnx_session(graph: bytes):
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(buffer.getvalue(), options, ["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(graph, options, ["CPUExecutionProvider"])
+
+
+def openvino_model(graph: bytes, batch: int):
+    """The ONNX graph compiled by OpenVINO for the CPU at a fixed batch (latency hint: one
+    request at a time, as the other frameworks run)."""
+    import openvino
+
+    core = openvino.Core()
+    model = core.read_model(graph)
+    model.reshape({"x": [batch, 1, SIZE, SIZE]})
+    return core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
 
 
 def runners(features: int, batch: int) -> dict:
@@ -85,11 +110,18 @@ def runners(features: int, batch: int) -> dict:
             return torch.sigmoid(reference(x_torch))
 
     found["pytorch eager"] = torch_run
+    graph = onnx_graph(reference)
     try:
-        session = onnx_session(reference)
+        session = onnx_session(graph)
         found["onnxruntime"] = lambda: session.run(None, {"x": x_nchw})
     except ImportError as err:
         print(f"ONNX Runtime skipped: {err}", file=sys.stderr)
+    try:
+        compiled = openvino_model(graph, batch)
+        request = compiled.create_infer_request()
+        found["openvino"] = lambda: request.infer({"x": x_nchw})
+    except ImportError as err:
+        print(f"OpenVINO skipped: {err}", file=sys.stderr)
     return found
 
 
@@ -103,6 +135,9 @@ def measure(features: int, batch: int, rounds: int) -> dict:
     seconds = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
+            # ONNX Runtime's and OpenVINO's worker threads spin for a while after a call: let
+            # them go idle so that they do not take the next framework's cores.
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             run()
             seconds[name].append(time.perf_counter() - start)
@@ -111,8 +146,9 @@ def measure(features: int, batch: int, rounds: int) -> dict:
         row[f"{name} img/s"] = batch / statistics.median(values)
     jax_rate = row["jax fused img/s"]
     row["jax / pytorch"] = jax_rate / row["pytorch eager img/s"]
-    if "onnxruntime img/s" in row:
-        row["jax / onnxruntime"] = jax_rate / row["onnxruntime img/s"]
+    for other in ("onnxruntime", "openvino"):
+        if f"{other} img/s" in row:
+            row[f"jax / {other}"] = jax_rate / row[f"{other} img/s"]
     return row
 
 
@@ -122,7 +158,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--json", default="out/inference.json")
+    parser.add_argument(
+        "--xla-max-isa",
+        help="limit XLA:CPU's code generation (e.g. AVX2) to stand in for an older CPU",
+    )
     args = parser.parse_args(argv)
+    if args.xla_max_isa:  # read when JAX's CPU backend starts, which has not happened yet
+        flag = f"--xla_cpu_max_isa={args.xla_max_isa}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     rows = []
     for features in (int(g) for g in args.features.split(",")):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -131,11 +174,21 @@ def main(argv: list[str]) -> None:
     columns = sorted(
         {key for row in rows for key in row}, key=lambda k: (k not in ("G", "batch"), k)
     )
+    machine = machine_description()
+    isa = f", JAX code limited to {args.xla_max_isa}" if args.xla_max_isa else ""
     print(
-        f"CheapNet {SIZE}x{SIZE} float32 inference (sigmoid included), median of interleaved runs"
+        f"CheapNet {SIZE}x{SIZE} float32 inference (sigmoid included), median of interleaved "
+        f"runs; {machine['cpu']} ({machine['cpu_vector_extensions']}), {machine['cores']} "
+        f"cores, host memory {cheapnet_jax.HOST_ALLOCATOR}{isa}"
     )
     print(format_table(rows, columns))
-    write_json(args.json, rows, torch_threads=torch.get_num_threads(), rounds=args.rounds)
+    write_json(
+        args.json,
+        rows,
+        torch_threads=torch.get_num_threads(),
+        rounds=args.rounds,
+        xla_max_isa=args.xla_max_isa,
+    )
     print(f"wrote {args.json}")
 
 

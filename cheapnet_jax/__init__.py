@@ -1,5 +1,13 @@
 """cheapnet-jax: CheapNet for defect segmentation and detection in JAX/Flax."""
 
+# First, before anything can start JAX's CPU backend: its threads must find glibc set to keep
+# XLA's freed temporary buffers (see cheapnet_jax.host_allocator).
+from cheapnet_jax.host_allocator import keep_freed_memory
+
+HOST_ALLOCATOR = keep_freed_memory()
+"""What `keep_freed_memory` did when cheapnet_jax was imported (benchmarks report it)."""
+
+# ruff: noqa: E402
 from cheapnet_jax.detection import Detections, detect, make_detector
 from cheapnet_jax.errors import CheckpointError, DataError, UserError
 from cheapnet_jax.labeling import (

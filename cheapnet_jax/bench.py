@@ -19,6 +19,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from cheapnet_jax import HOST_ALLOCATOR
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -49,14 +51,29 @@ def time_compile(jitted: Callable, *args) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_model() -> str:
+def _cpuinfo_field(field: str) -> str | None:
+    """The first ``field`` of /proc/cpuinfo (Linux), or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_vector_extensions() -> str:
+    """The CPU's SIMD extensions that XLA:CPU and ONNX Runtime choose kernels by (from
+    /proc/cpuinfo), e.g. ``"avx2 fma avx512f avx512bw avx512_vnni"``; ``"unknown"`` elsewhere."""
+    flags = (_cpuinfo_field("flags") or "").split()
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")
+    wanted += ("amx_tile",)
+    found = [flag for flag in wanted if flag in flags]
+    return " ".join(found) if found else "unknown"
 
 
 def machine_description() -> dict:
@@ -64,7 +81,9 @@ def machine_description() -> dict:
     device = jax.devices()[0]
     return {
         "cpu": _cpu_model(),
+        "cpu_vector_extensions": cpu_vector_extensions(),
         "cores": os.cpu_count(),
+        "host_allocator": HOST_ALLOCATOR,
         "jax_backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
         "jax": jax.__version__,
@@ -149,8 +168,9 @@ def run_jit_bench(
     """`evaluate.py --jit-bench`: print (and write) one row per model and batch size."""
     machine = machine_description()
     print(
-        f"device: {machine['device']} ({machine['jax_backend']}), {machine['cpu']}, "
-        f"{machine['cores']} cores, jax {machine['jax']}; {image_size}x{image_size}, "
+        f"device: {machine['device']} ({machine['jax_backend']}), {machine['cpu']} "
+        f"({machine['cpu_vector_extensions']}), {machine['cores']} cores, jax {machine['jax']}, "
+        f"host memory {machine['host_allocator']}; {image_size}x{image_size}, "
         f"medians of {runs} runs after warm-up"
     )
     rows = []

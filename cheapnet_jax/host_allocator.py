@@ -1,0 +1,57 @@
+"""glibc's allocator set so that XLA:CPU reuses its temporary buffers instead of faulting them in
+on every call.
+
+XLA:CPU allocates one block for a program's temporaries on each execution, from the thread
+that runs it. CheapNet-M on a 512x512 image needs about 130 MiB of them. glibc serves a block
+that large from a fresh `mmap` and unmaps it when freed: the block is not kept by XLA's
+threads, whose arenas cannot grow past 64 MiB, nor by the main arena, above its mmap threshold.
+Each call then faults in and zeroes about 33,000 fresh pages, work that can outweigh the
+network itself: on the AMD EPYC VM (2 cores), CheapNet-M at batch 1 ran 54 ms per image, of
+which more than half was kernel time, and 21 ms once the pages were kept (BENCHMARKS.md,
+"Host memory").
+
+`keep_freed_memory` puts every thread on glibc's main arena and raises its mmap and trim
+thresholds, so that a freed block stays in the process and the next call reuses it. It must run
+before XLA's threads first allocate, that is before JAX's CPU backend starts: importing
+`cheapnet_jax` calls it. The cost: the process keeps its peak of freed memory instead of
+returning it to the system, and its threads share one arena. Set ``CHEAPNET_JAX_MALLOC=system``
+before the import to leave glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+OPT_OUT_VARIABLE = "CHEAPNET_JAX_MALLOC"
+"""Set to ``system`` to keep glibc's default allocator settings."""
+
+# mallopt(3) parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Blocks up to 1 GiB come from the heap; freed memory at the heap's top is kept up to 1 GiB.
+_KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> str:
+    """Set glibc's allocator to keep freed blocks for reuse; say what was done.
+
+    Returns a short description for benchmark reports: ``"kept (glibc, one arena)"`` when set,
+    else why not (another C library, the opt-out variable, or glibc refusing a setting).
+    """
+    if os.environ.get(OPT_OUT_VARIABLE, "").strip().lower() == "system":
+        return f"system defaults ({OPT_OUT_VARIABLE}=system)"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return f"system defaults (not glibc: {platform.system()})"
+    libc = ctypes.CDLL(None)
+    settings = {
+        "arena max": (_M_ARENA_MAX, 1),
+        "mmap threshold": (_M_MMAP_THRESHOLD, _KEEP_BYTES),
+        "trim threshold": (_M_TRIM_THRESHOLD, _KEEP_BYTES),
+    }
+    refused = [name for name, (param, value) in settings.items() if libc.mallopt(param, value) != 1]
+    if refused:
+        return f"partly kept (glibc refused: {', '.join(refused)})"
+    return "kept (glibc, one arena)"
