@@ -4,7 +4,9 @@
 
 Per 512x512 mask, on predicted masks (CheapNet-M on the real DAGM samples when ../shared is
 there, else thresholded smooth noise), random noise and adversarial shapes; every labeler
-produces labels *and* boxes/areas. OpenCV (`opencv-python-headless`) is optional.
+produces labels *and* boxes/areas. OpenCV (`opencv-python-headless`) is optional; where it is
+installed it is also the CPU default's host labeler (`jax opencv callback`: OpenCV's CCL_SAUF
+inside the compiled program, through `jax.pure_callback`).
 
 `previous union-find` is the per-pixel labeler this project shipped before the block-based one
 (commit 742b00d: per-mask while loops under vmap, every non-edge hooked into entry 0, per-pixel
@@ -28,8 +30,17 @@ sys.path.insert(0, str(ROOT / "tests"))  # the adversarial shapes of the tests
 
 from mask_shapes import comb, serpentine, spiral  # noqa: E402
 
-from cheapnet_jax.bench import format_table, time_call, write_json  # noqa: E402
-from cheapnet_jax.labeling import label_and_measure, union_find_labels  # noqa: E402
+from cheapnet_jax.bench import (  # noqa: E402
+    format_table,
+    machine_description,
+    time_call,
+    write_json,
+)
+from cheapnet_jax.labeling import (  # noqa: E402
+    label_and_measure,
+    opencv_available,
+    union_find_labels,
+)
 
 SIZE = 512
 SAMPLES = ROOT.parent / "shared" / "dagm-samples" / "Class6" / "Train"
@@ -198,8 +209,10 @@ def main(argv: list[str]) -> None:
     labelers = {
         "previous union-find": previous_labeler(max_components),
         "jax union-find": jax_labeler("union_find", max_components),
-        "jax host-callback": jax_labeler("scipy", max_components),
+        "jax scipy callback": jax_labeler("scipy", max_components),
     }
+    if opencv_available():  # the CPU default where OpenCV is installed
+        labelers["jax opencv callback"] = jax_labeler("opencv", max_components)
     opencv = opencv_labeler()
     rows = []
     for name, masks in mask_sets(args.batch):
@@ -221,9 +234,15 @@ def main(argv: list[str]) -> None:
         rows.append(row)
         print(f"{name}: done", file=sys.stderr)
     columns = list(rows[0])
-    print(f"ms per {SIZE}x{SIZE} mask (labels + boxes + areas, 8-connectivity), batch {args.batch}")
+    machine = machine_description()
+    default = "opencv callback" if opencv_available() else "scipy callback"
+    print(
+        f"ms per {SIZE}x{SIZE} mask (labels + boxes + areas, 8-connectivity), batch "
+        f"{args.batch}; {machine['cpu']} ({machine['cpu_vector_extensions']}), "
+        f"{machine['cores']} cores; the CPU default (method='auto') is the jax {default}"
+    )
     print(format_table(rows, columns))
-    write_json(args.json, rows, batch=args.batch, size=SIZE)
+    write_json(args.json, rows, batch=args.batch, size=SIZE, cpu_default=f"jax {default}")
     print(f"wrote {args.json}")
 
 

@@ -17,11 +17,13 @@ components are then numbered by their first pixel in raster order, exactly as
 `scipy.ndimage.label` numbers them. `component_stats` reduces boxes and areas per horizontal
 run (one update per run, none for background).
 
-XLA:CPU runs scatters and gathers slowly, so ``method="auto"`` hands the masks to scipy's C
-labeler through `jax.pure_callback` where the program is lowered for the CPU, and runs the
+XLA:CPU runs scatters and gathers slowly, so ``method="auto"`` hands the masks to a C labeler on
+the host through `jax.pure_callback` where the program is lowered for the CPU, and runs the
 union-find where it is lowered for an accelerator (decided per lowering platform, so a program
-exported from a CPU host for a GPU carries no host callback). Both give identical arrays
-(tested)."""
+exported from a CPU host for a GPU carries no host callback). The host labeler is OpenCV's
+scan-based union-find (``CCL_SAUF``, labels and statistics in one pass) where OpenCV is
+installed (``pip install cheapnet-jax[opencv]``, or any OpenCV build), else `scipy.ndimage`.
+All give identical arrays (tested)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from jax import lax
 
 from cheapnet_jax.platform import per_platform
 
-Method = Literal["auto", "union_find", "scipy"]
+Method = Literal["auto", "union_find", "scipy", "opencv"]
 
 
 def _structure(connectivity: int) -> np.ndarray:
@@ -47,11 +49,25 @@ def _structure(connectivity: int) -> np.ndarray:
     raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
 
 
-def _by_method(method: Method, host_form, device_form, *operands):
-    forms = {"union_find": device_form, "scipy": host_form}
-    return per_platform(
-        method, forms, *operands, name="method", cpu="scipy", accelerator="union_find"
-    )
+def opencv_available() -> bool:
+    """Whether OpenCV (``cv2``) can be imported: ``method="auto"``'s CPU labeler then."""
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _by_method(method: Method, host_forms: dict, device_form, *operands):
+    """``host_forms``: ``{"scipy": ..., "opencv": ...}``, functions on the host callbacks."""
+    if method == "opencv" and not opencv_available():
+        raise ImportError(
+            'method="opencv" needs OpenCV: pip install opencv-python-headless '
+            "(or cheapnet-jax[opencv])"
+        )
+    forms = {"union_find": device_form, **host_forms}
+    cpu = "opencv" if opencv_available() else "scipy"
+    return per_platform(method, forms, *operands, name="method", cpu=cpu, accelerator="union_find")
 
 
 # Pointer jumps unrolled per round. Measured on 512x512 masks (benchmarks/labeling.py families):
@@ -328,6 +344,38 @@ def _scipy_labels_host(masks: np.ndarray, connectivity: int) -> tuple[np.ndarray
     return labels, counts
 
 
+def _opencv_host(
+    masks: np.ndarray, connectivity: int, max_components: int = 0
+) -> tuple[np.ndarray, ...]:
+    """OpenCV's labels, counts, stats ``[B, max_components, 5]`` and overflow of masks [B, H, W].
+
+    ``CCL_SAUF`` (Wu et al.'s scan-based union-find) numbers components by their first pixel
+    in raster order, as `scipy.ndimage.label` does (OpenCV's default algorithm for 8-connectivity
+    does not).
+    """
+    import cv2
+
+    batch, height, width = masks.shape
+    labels = np.zeros(masks.shape, np.int32)
+    counts = np.zeros(batch, np.int32)
+    stats = np.zeros((batch, max_components, 5), np.int32)
+    overflow = np.zeros(batch, np.int32)
+    if height * width == 0:  # OpenCV refuses empty images; they have no component
+        return labels, counts, stats, overflow
+    for i, mask in enumerate(np.asarray(masks, np.uint8)):
+        found, labels[i], cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF
+        )
+        counts[i] = found - 1
+        kept = cv_stats[1 : max_components + 1]  # row 0 is the background
+        left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
+        right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
+        bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
+        stats[i, : len(kept)] = np.stack([left, top, right, bottom, kept[:, cv2.CC_STAT_AREA]], -1)
+        overflow[i] = max(counts[i] - max_components, 0)
+    return labels, counts, stats, overflow
+
+
 def label_components(
     masks: jax.Array, connectivity: int = 8, *, method: Method = "auto"
 ) -> tuple[jax.Array, jax.Array]:
@@ -343,19 +391,23 @@ def label_components(
         labels, counts, _ = union_find_labels(masks, connectivity)
         return labels, counts
 
-    def by_scipy(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
-        result_shape = (
-            jax.ShapeDtypeStruct(masks.shape, jnp.int32),
-            jax.ShapeDtypeStruct(masks.shape[:1], jnp.int32),
-        )
-        return jax.pure_callback(
-            _over_leading_axes(lambda m: _scipy_labels_host(m, connectivity)),
-            result_shape,
-            masks,
-            vmap_method="expand_dims",
-        )
+    def on_host(host_labeler):
+        def by_callback(masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+            result_shape = (
+                jax.ShapeDtypeStruct(masks.shape, jnp.int32),
+                jax.ShapeDtypeStruct(masks.shape[:1], jnp.int32),
+            )
+            return jax.pure_callback(
+                _over_leading_axes(lambda m: host_labeler(m, connectivity)[:2]),
+                result_shape,
+                masks,
+                vmap_method="expand_dims",
+            )
 
-    return _by_method(method, by_scipy, by_union_find, masks)
+        return by_callback
+
+    host_forms = {"scipy": on_host(_scipy_labels_host), "opencv": on_host(_opencv_host)}
+    return _by_method(method, host_forms, by_union_find, masks)
 
 
 class ComponentStats(NamedTuple):
@@ -369,26 +421,26 @@ class ComponentStats(NamedTuple):
 
 
 def _host_stats(labels: np.ndarray, max_components: int) -> tuple[np.ndarray, ...]:
-    """numpy twin of the device reductions: only foreground pixels are visited."""
-    batch, _, width = labels.shape
+    """numpy/scipy twin of the device reductions: boxes from `scipy.ndimage.find_objects` and
+    areas from `scipy.ndimage.histogram` (one pass in C each, labels above ``max_components``
+    skipped)."""
+    from scipy import ndimage
+
+    batch = labels.shape[0]
     stats = np.zeros((batch, max_components, 5), np.int32)
     overflow = np.zeros(batch, np.int32)
     for i, label_image in enumerate(np.asarray(labels)):
-        flat = label_image.reshape(-1)
-        foreground = np.flatnonzero((flat > 0) & (flat <= max_components))
-        ids = flat[foreground] - 1
-        rows, cols = foreground // width, foreground % width
-        low = np.full((2, max_components), np.iinfo(np.int32).max, np.int64)
-        high = np.full((2, max_components), -1, np.int64)
-        for axis, coordinate in enumerate((cols, rows)):
-            np.minimum.at(low[axis], ids, coordinate)
-            np.maximum.at(high[axis], ids, coordinate)
-        area = np.bincount(ids, minlength=max_components)
-        present = area > 0
-        stats[i, present] = np.stack([low[0], low[1], high[0], high[1], area], axis=-1)[
-            present
-        ].astype(np.int32)
-        overflow[i] = max(int(flat.max(initial=0)) - max_components, 0)
+        largest = int(label_image.max(initial=0))
+        overflow[i] = max(largest - max_components, 0)
+        boxes = ndimage.find_objects(label_image, max_label=max_components)
+        found = [(k, box) for k, box in enumerate(boxes) if box is not None]
+        if not found:
+            continue
+        ids = [k for k, _ in found]
+        stats[i, ids, :4] = [(c.start, r.start, c.stop - 1, r.stop - 1) for _, (r, c) in found]
+        # Bins of width 1 centred on the labels 1..K; labels outside them are not counted.
+        area = ndimage.histogram(label_image, 0.5, max_components + 0.5, max_components)
+        stats[i, ids, 4] = area[ids]
     return stats, stats[..., 4] > 0, overflow
 
 
@@ -398,8 +450,8 @@ def component_stats(
     """Boxes and areas of labels 1..max_components.
 
     ``method="union_find"`` (accelerators under ``"auto"``) computes them on the device with
-    segment reductions; ``"scipy"`` (the CPU under ``"auto"``) with numpy on the host through
-    `jax.pure_callback`, visiting only foreground pixels (XLA:CPU scatters are slow).
+    segment reductions; ``"scipy"`` and ``"opencv"`` (the CPU under ``"auto"``) with
+    `scipy.ndimage` on the host through `jax.pure_callback` (XLA:CPU scatters are slow).
     """
     labels = jnp.asarray(labels, jnp.int32)
     if labels.ndim != 3:
@@ -423,8 +475,9 @@ def component_stats(
             )
         )
 
+    host_forms = {"scipy": by_numpy, "opencv": by_numpy}
     return _by_method(
-        method, by_numpy, lambda labels: _device_stats(labels, max_components), labels
+        method, host_forms, lambda labels: _device_stats(labels, max_components), labels
     )
 
 
@@ -543,8 +596,31 @@ def label_and_measure(
         labels = _paint(pixels, block_label)[:, :height, :width]
         return labels, counts, _block_stats(pixels, block_label, counts, max_components)
 
-    def by_scipy(masks: jax.Array):
-        labels, counts = label_components(masks, connectivity, method="scipy")
-        return labels, counts, component_stats(labels, max_components, method="scipy")
+    def on_host(host_measure):
+        # One callback: the labels cross from the host once, not back again for their stats.
+        def by_callback(masks: jax.Array):
+            batch = masks.shape[0]
+            result_shape = (
+                jax.ShapeDtypeStruct(masks.shape, jnp.int32),
+                jax.ShapeDtypeStruct((batch,), jnp.int32),
+                jax.ShapeDtypeStruct((batch, max_components, 5), jnp.int32),
+                jax.ShapeDtypeStruct((batch, max_components), jnp.bool_),
+                jax.ShapeDtypeStruct((batch,), jnp.int32),
+            )
+            labels, counts, *stats = jax.pure_callback(
+                _over_leading_axes(host_measure), result_shape, masks, vmap_method="expand_dims"
+            )
+            return labels, counts, ComponentStats(*stats)
 
-    return _by_method(method, by_scipy, by_union_find, masks)
+        return by_callback
+
+    def scipy_measure(masks: np.ndarray) -> tuple[np.ndarray, ...]:
+        labels, counts = _scipy_labels_host(masks, connectivity)
+        return labels, counts, *_host_stats(labels, max_components)
+
+    def opencv_measure(masks: np.ndarray) -> tuple[np.ndarray, ...]:
+        labels, counts, stats, overflow = _opencv_host(masks, connectivity, max_components)
+        return labels, counts, stats, stats[..., 4] > 0, overflow
+
+    host_forms = {"scipy": on_host(scipy_measure), "opencv": on_host(opencv_measure)}
+    return _by_method(method, host_forms, by_union_find, masks)

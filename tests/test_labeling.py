@@ -17,6 +17,7 @@ from scipy import ndimage
 from cheapnet_jax.labeling import (
     _hooks,
     _initial_forest,
+    _opencv_host,
     _resolve,
     block_pixels,
     component_segments,
@@ -39,7 +40,7 @@ _jitted_union_find = jax.jit(
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 @pytest.mark.parametrize("connectivity", [4, 8])
-@pytest.mark.parametrize("method", ["union_find", "scipy"])
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv"])
 def test_labels_equal_scipy(name, connectivity, method):
     mask = SHAPES[name]
     expected, expected_count = ndimage.label(mask, structure=STRUCTURES[connectivity])
@@ -61,7 +62,7 @@ def test_checkerboard_counts():
     assert int(_jitted_union_find(checker, 4)[1][0]) == 32 * 32 // 2
 
 
-@pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv", "auto"])
 def test_without_jit_and_under_vmap(method):
     """Every method, the CPU default's host callbacks included, under jit, vmap and nested vmap
     (each vmap level adds a leading axis to what a callback receives)."""
@@ -119,9 +120,35 @@ def test_random_small_masks(mask, connectivity):
     labels, counts = _jitted_union_find(mask[None], connectivity)
     np.testing.assert_array_equal(np.asarray(labels[0]), expected)
     assert int(counts[0]) == count
+    labels, counts, _, _ = _opencv_host(mask[None], connectivity)  # the CPU default's host side
+    np.testing.assert_array_equal(labels[0], expected)
+    assert int(counts[0]) == count
 
 
-@pytest.mark.parametrize("method", ["union_find", "scipy"])
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.5, 0.7])
+def test_opencv_on_large_masks_numbers_and_measures_as_scipy(density, connectivity):
+    """Masks large enough for OpenCV's multi-threaded labeling (stripes merged afterwards):
+    numbering, boxes and areas still those of scipy, and the overflow past K counted."""
+    masks = np.random.default_rng(int(density * 100)).random((2, 700, 1030)) < density
+    labels, counts, (stats, valid, overflow) = jax.jit(
+        lambda m: label_and_measure(m, connectivity, 300, method="opencv")
+    )(masks)
+    for i, mask in enumerate(masks):
+        want, count = ndimage.label(mask, STRUCTURES[connectivity])
+        np.testing.assert_array_equal(np.asarray(labels[i]), want)
+        assert int(counts[i]) == count and int(overflow[i]) == max(count - 300, 0)
+        kept = min(count, 300)
+        boxes = ndimage.find_objects(want, max_label=kept)
+        want_stats = [
+            (b[1].start, b[0].start, b[1].stop - 1, b[0].stop - 1, a)
+            for b, a in zip(boxes, np.bincount(want.ravel())[1 : kept + 1], strict=True)
+        ]
+        assert np.asarray(stats[i][:kept]).tolist() == [list(row) for row in want_stats]
+        assert np.asarray(valid[i]).sum() == kept
+
+
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv"])
 @pytest.mark.parametrize("name", ["noise_0.2", "comb", "border", "odd", "empty", "one_row"])
 def test_component_stats_equal_find_objects(name, method):
     mask = SHAPES[name]
@@ -136,7 +163,7 @@ def test_component_stats_equal_find_objects(name, method):
         assert stats[0, k].tolist() == expected
 
 
-@pytest.mark.parametrize("method", ["union_find", "scipy"])
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv"])
 def test_component_stats_reports_overflow(method):
     labels, count = ndimage.label(SHAPES["noise_0.05"])
     result = component_stats(labels[None].astype(np.int32), max_components=10, method=method)
@@ -146,7 +173,7 @@ def test_component_stats_reports_overflow(method):
     np.testing.assert_array_equal(np.asarray(result.stats[0]), np.asarray(expected.stats[0, :10]))
 
 
-@pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv", "auto"])
 @pytest.mark.parametrize("connectivity", [4, 8])
 @pytest.mark.parametrize("name", ["noise_0.4", "checkerboard", "odd", "one_column", "empty"])
 def test_label_and_measure_equals_scipy(name, connectivity, method):
@@ -213,7 +240,7 @@ def test_background_sends_no_update_to_an_in_range_index(connectivity):
 ZERO_SIZE = [(0, 0), (0, 1), (1, 0), (300, 0), (0, 300)]
 
 
-@pytest.mark.parametrize("method", ["union_find", "scipy", "auto"])
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv", "auto"])
 @pytest.mark.parametrize("shape", ZERO_SIZE, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_zero_size_masks_have_no_component_eagerly_jitted_and_vmapped(shape, method):
     masks = np.zeros((2, *shape), bool)
@@ -232,7 +259,7 @@ def test_zero_size_masks_have_no_component_eagerly_jitted_and_vmapped(shape, met
     assert labels.shape == (2, 1, *shape) and np.array_equal(counts, [[0], [0]])
 
 
-@pytest.mark.parametrize("method", ["union_find", "scipy"])
+@pytest.mark.parametrize("method", ["union_find", "scipy", "opencv"])
 def test_an_empty_mask_of_any_size_has_no_component(method):
     @jax.jit
     def measure(masks):
@@ -243,3 +270,18 @@ def test_an_empty_mask_of_any_size_has_no_component(method):
         labels, counts, stats = measure(np.zeros((1, *shape), bool))
         assert int(counts[0]) == 0 and not np.any(labels)
         assert not np.any(stats.valid) and int(stats.overflow[0]) == 0
+
+
+def test_without_opencv_auto_uses_scipy_and_opencv_method_says_what_to_install(monkeypatch):
+    """The CPU default falls back to scipy where OpenCV is not installed (same answers)."""
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)  # import cv2 now fails
+    masks = jnp.asarray(SHAPES["spiral"][None])
+    labels, counts, (stats, valid, _) = label_and_measure(masks, 8, 8, method="auto")
+    want, want_count = ndimage.label(SHAPES["spiral"], STRUCTURES[8])
+    assert np.array_equal(labels[0], want) and int(counts[0]) == want_count
+    boxes = ndimage.find_objects(want)
+    assert [tuple(row[:4]) for row in np.asarray(stats[0][valid[0]])] == [
+        (b[1].start, b[0].start, b[1].stop - 1, b[0].stop - 1) for b in boxes
+    ]
+    with pytest.raises(ImportError, match="pip install opencv-python-headless"):
+        label_components(masks, method="opencv")
