@@ -1,0 +1,62 @@
+"""cheapnet_jax.host_allocator: importing cheapnet_jax keeps XLA:CPU's freed temporary buffers.
+
+The reference is the same program in a process that opted out (glibc's defaults): there, each
+call faults in CheapNet-M's ~130 MiB of temporaries afresh; with the setting, it reuses them.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+from conftest import cli_env
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="the allocator setting is glibc's (Linux)",
+)
+
+# Minor page faults per call of CheapNet-M on one 512x512 image, after a warm-up call.
+PROGRAM = """
+import resource
+import cheapnet_jax
+import jax, jax.numpy as jnp
+from cheapnet_jax.model import CheapNet, init_variables, inference_logits
+
+model = CheapNet(32)
+variables = init_variables(model, jax.random.key(0))
+x = jnp.zeros((1, 512, 512, 1), jnp.float32)
+run = jax.jit(lambda v, x: inference_logits(model, v, x))
+run(variables, x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    run(variables, x).block_until_ready()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+print(cheapnet_jax.HOST_ALLOCATOR)
+print((after - before) / 3)
+"""
+
+
+def _faults_per_call(**env: str) -> tuple[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROGRAM],
+        capture_output=True,
+        text=True,
+        env={**cli_env(), **env},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    state, faults = done.stdout.strip().splitlines()[-2:]
+    return state, float(faults)
+
+
+def test_import_keeps_temporaries_that_the_system_default_faults_in_on_every_call():
+    kept_state, kept = _faults_per_call()
+    system_state, system = _faults_per_call(CHEAPNET_JAX_MALLOC="system")
+    assert kept_state == "kept (glibc, one arena)"
+    assert system_state == "system defaults (CHEAPNET_JAX_MALLOC=system)"
+    # 130 MiB of temporaries are about 33,000 pages of 4 KiB.
+    assert system > 20_000, f"the opted-out process faulted only {system:.0f} pages per call"
+    assert kept < system / 4, f"kept: {kept:.0f} faults per call, system defaults: {system:.0f}"
