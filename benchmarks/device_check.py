@@ -9,8 +9,10 @@ tests/torch_reference.py, on the GPU when torch sees one), float32 masks; (3) `-
 rows for S, M, L (L at batch 1 and 8 only: 512x512x1024 float32 activations of a batch of 64
 are tens of GB per layer), segmentation and segmentation + labeling, both layer forms; (4) the
 labeler alone at batch 64 and 256; (5) one training step's throughput; (6) S and M at batch 64
-with BatchNorm folded (the default) or not, float32 or bfloat16 activations. Speeds are printed as
-ratios to the issue's goals. Needs no pycocotools, tensorboardX or tensorflow-datasets.
+with BatchNorm folded (the default) or not, float32 or bfloat16 activations; (7) one training
+step of a population of 64 CheapNet-S (256x256, batch 8 each) against one solo step (issue
+26). Speeds are printed as ratios to the issue's goals. Needs no pycocotools, tensorboardX or
+tensorflow-datasets.
 """
 
 from __future__ import annotations
@@ -150,6 +152,55 @@ def training_row(features: int, batch: int, runs: int) -> dict:
     return {"G": features, "batch": batch, "train img/s": batch / timing.median_s}
 
 
+def population_row(members: int, size: int, batch: int, runs: int) -> dict:
+    """Issue 26: one step of a population of ``members`` CheapNet-S against one solo step, on one
+    device (ms per step; a population costs about one solo run where the device is not full)."""
+    from cheapnet_jax.population import parallel_population_step, stack_members
+    from cheapnet_jax.training import (
+        AXIS,
+        TrainConfig,
+        initial_state,
+        make_optimizer,
+        parallel_train_step,
+    )
+
+    devices = jax.devices()[:1]
+    model = CheapNet(2, bn_axis_name=AXIS)
+    config = TrainConfig(features=2, batch_size=batch)
+    optimizer = make_optimizer(config, 8)
+    rng = np.random.default_rng(0)
+
+    def batch_of(*members_axis: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (1, *members_axis, batch, size, size, 1)
+        return rng.standard_normal(shape).astype(np.float32), rng.random(shape) < 0.05
+
+    solo = parallel_train_step(model, optimizer, devices)
+    state = initial_state(config, model, optimizer)
+    x, y = batch_of()
+    solo_s = time_call(lambda: solo(state, x, y)[1]["loss"], runs=runs).median_s
+    step = parallel_population_step(model, config.gamma, config.milestones, ["bce-logits"], devices)
+    stacked = stack_members(
+        [initial_state(TrainConfig(seed=s), model, optimizer) for s in range(members)]
+    )
+    hyper = (
+        np.full(members, 0.01, np.float32),
+        np.full(members, 8, np.int32),
+        np.zeros(members, np.int32),
+        np.ones(members, bool),
+    )
+    x, y = batch_of(members)
+    population_s = time_call(lambda: step(stacked, x, y, *hyper)[1]["loss"], runs=runs).median_s
+    return {
+        "P": members,
+        "image": size,
+        "batch": batch,
+        "solo ms/step": 1e3 * solo_s,
+        "population ms/step": 1e3 * population_s,
+        "x one solo": population_s / solo_s,
+        "speedup over P solo runs": members * solo_s / population_s,
+    }
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU dry run)")
@@ -178,6 +229,9 @@ def main(argv: list[str]) -> None:
     print(format_table(report["labeler"], list(report["labeler"][0])))
     report["training"] = training_row(*train, runs=max(args.runs // 2, 2))
     print("training:", report["training"])
+    members, size = (4, 64) if args.quick else (64, 256)
+    report["population"] = population_row(members, size, 8, max(args.runs // 2, 2))
+    print("population:", report["population"])
     best = {
         "S seg b256": max(
             (

@@ -173,6 +173,11 @@ def run_jit_bench(
         f"host memory {machine['host_allocator']}; {image_size}x{image_size}, "
         f"medians of {runs} runs after warm-up"
     )
+    if machine["jax_backend"] == "cpu":
+        from cheapnet_jax.labeling import opencv_available
+
+        labeler = "OpenCV (CCL_SAUF)" if opencv_available() else "scipy.ndimage"
+        print(f"CPU forms: fused layers (impl='auto'); labeler {labeler} in a host callback")
     rows = []
     for g in features:
         for batch in batch_sizes:
