@@ -2,12 +2,12 @@
 vs OpenVINO.
 
     .venv/bin/python benchmarks/inference.py [--features 2,32] [--batch-sizes 1,8] \
-        [--rounds 20] [--json out/inference.json] [--xla-max-isa AVX2]
+        [--rounds 10] [--calls 3] [--json out/inference.json] [--xla-max-isa AVX2]
 
 All frameworks run the same weights (the authors' checkpoints from ../shared when present,
-else random ones) on 512x512 float32 input, in one process, interleaved: each round times one
-call of every framework in turn (after a pause that lets the previous one's threads go idle),
-so that machine noise hits all of them alike. Reports the
+else random ones) on 512x512 float32 input, in one process, interleaved: each round runs every
+framework in turn, untimed calls for 0.1 s then ``--calls`` timed calls in a row, so that machine
+noise hits all of them alike. Reports the
 median images/s and ratios, and the CPU with its vector extensions. Needs the extras `torch`
 and `bench` (ONNX Runtime); OpenVINO (`pip install openvino`) runs the same ONNX graph where it
 is installed. ``--xla-max-isa AVX2`` limits JAX's code generation to AVX2 (the other frameworks
@@ -44,7 +44,7 @@ from cheapnet_jax.torch_import import state_dict_to_variables  # noqa: E402
 
 CHECKPOINTS = ROOT.parent / "shared" / "torch-checkpoints"
 SIZE = 512
-SETTLE_S = 0.05
+WARM_S = 0.1
 
 
 def torch_model(features: int) -> TorchCheapNet:
@@ -125,7 +125,7 @@ def runners(features: int, batch: int) -> dict:
     return found
 
 
-def measure(features: int, batch: int, rounds: int) -> dict:
+def measure(features: int, batch: int, rounds: int, calls: int) -> dict:
     candidates = runners(features, batch)
     if features >= 32 and batch > 1:
         candidates.pop("jax lax")  # the reference path takes about 0.7 s per image there
@@ -135,12 +135,18 @@ def measure(features: int, batch: int, rounds: int) -> dict:
     seconds = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, run in candidates.items():
-            # ONNX Runtime's and OpenVINO's worker threads spin for a while after a call: let
-            # them go idle so that they do not take the next framework's cores.
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
+            # A burst per framework after untimed calls for WARM_S: the previous framework's
+            # worker threads spin for a while after their last call, and on the VMs measured a
+            # core that was left idle comes back slowly, over 10-40 ms (BENCHMARKS.md,
+            # "Inference on AMD EPYC").
+            warm_until = time.perf_counter() + WARM_S
             run()
-            seconds[name].append(time.perf_counter() - start)
+            while time.perf_counter() < warm_until:
+                run()
+            for _ in range(calls):
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
     row = {"G": features, "batch": batch}
     for name, values in seconds.items():
         row[f"{name} img/s"] = batch / statistics.median(values)
@@ -156,8 +162,11 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--features", default="2,32")
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", default="out/inference.json")
+    parser.add_argument(
+        "--calls", type=int, default=3, help="timed calls per framework and round, in a row"
+    )
     parser.add_argument(
         "--xla-max-isa",
         help="limit XLA:CPU's code generation (e.g. AVX2) to stand in for an older CPU",
@@ -169,7 +178,7 @@ def main(argv: list[str]) -> None:
     rows = []
     for features in (int(g) for g in args.features.split(",")):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            rows.append(measure(features, batch, args.rounds))
+            rows.append(measure(features, batch, args.rounds, args.calls))
             print(f"G={features} batch={batch}: done", file=sys.stderr)
     columns = sorted(
         {key for row in rows for key in row}, key=lambda k: (k not in ("G", "batch"), k)
@@ -187,6 +196,7 @@ def main(argv: list[str]) -> None:
         rows,
         torch_threads=torch.get_num_threads(),
         rounds=args.rounds,
+        calls=args.calls,
         xla_max_isa=args.xla_max_isa,
     )
     print(f"wrote {args.json}")
