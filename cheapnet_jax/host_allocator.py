@@ -8,14 +8,15 @@ threads, whose arenas cannot grow past 64 MiB, nor by the main arena, above its 
 Each call then faults in and zeroes about 33,000 fresh pages, work that can outweigh the
 network itself: on the AMD EPYC VM (2 cores), CheapNet-M at batch 1 ran 54 ms per image, of
 which more than half was kernel time, and 21 ms once the pages were kept (BENCHMARKS.md,
-"Host memory").
+"Inference on AMD EPYC").
 
 `keep_freed_memory` puts every thread on glibc's main arena and raises its mmap and trim
-thresholds, so that a freed block stays in the process and the next call reuses it. It must run
-before XLA's threads first allocate, that is before JAX's CPU backend starts: importing
-`cheapnet_jax` calls it. The cost: the process keeps its peak of freed memory instead of
-returning it to the system, and its threads share one arena. Set ``CHEAPNET_JAX_MALLOC=system``
-before the import to leave glibc's defaults.
+thresholds to 256 MiB, so that a freed block up to that size stays in the process and the next
+call reuses it. It must run before XLA's threads first allocate, that is before JAX's CPU
+backend starts: importing `cheapnet_jax` calls it. The cost: the process keeps up to 256 MiB
+of freed memory at its heap's top (and what fragmentation leaves below it) instead of returning
+it to the system, and its threads share one arena. Set ``CHEAPNET_JAX_MALLOC=system`` before
+the import to leave glibc's defaults.
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ OPT_OUT_VARIABLE = "CHEAPNET_JAX_MALLOC"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-# Blocks up to 1 GiB come from the heap; freed memory at the heap's top is kept up to 1 GiB.
-_KEEP_BYTES = 1 << 30
+# Blocks up to 256 MiB come from the heap, and up to 256 MiB of freed memory at its top is kept:
+# CheapNet-M's 130 MiB of temporaries at 512x512 are reused. Larger blocks (CheapNet-L, large
+# images) are still mapped and unmapped per call: kept on the heap, their freed space would
+# stay with the process (a worker of the test suite that ran the G = 1024 reproduction after
+# other tests reached 18.6 GiB with 1 GiB here; that test alone: 7.7 GiB with glibc's
+# defaults, 10.0 with 1 GiB, 7.8 with 256 MiB).
+_KEEP_BYTES = 256 << 20
 
 
 def keep_freed_memory() -> str:
