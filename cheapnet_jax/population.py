@@ -195,10 +195,36 @@ def _settings_json(settings: dict) -> dict:
     return json.loads(json.dumps(settings))
 
 
+# On the CPU, members go through the step in chunks whose activations stay about this many
+# pixels (members x images x H x W): a vmap over every member at once spills the caches. On
+# the Intel VM at batch 8, 8 members: 64x64 in chunks of 4 took 27.4 ms a step against 34.3
+# for one vmap of 8; at 256x256 one vmap of 8 took 619 ms, 8 solo steps in a row 518
+# (BENCHMARKS.md, "Population training").
+CPU_CHUNK_PIXELS = 1 << 17
+
+
+def members_per_chunk(members: int, pixels_per_member: int, chunk_pixels: int | None) -> int:
+    """The largest divisor of ``members`` whose chunk holds at most ``chunk_pixels`` pixels
+    (at least 1); all of them when ``chunk_pixels`` is None."""
+    if chunk_pixels is None:
+        return members
+    fitting = [
+        size
+        for size in range(1, members + 1)
+        if members % size == 0 and size * pixels_per_member <= chunk_pixels
+    ]
+    return max(fitting, default=1)
+
+
 def make_population_step(
-    model: CheapNet, gamma: float, milestones: tuple[int, ...], loss_names: Sequence[str]
+    model: CheapNet,
+    gamma: float,
+    milestones: tuple[int, ...],
+    loss_names: Sequence[str],
+    chunk_pixels: int | None = None,
 ):
-    """The training step of one device's share of every member's batch, vmapped over members.
+    """The training step of one device's share of every member's batch, vmapped over members
+    (in chunks of `members_per_chunk`, one chunk after another, with ``chunk_pixels``).
 
     Per member: state, x, masks, its learning rate, its steps per epoch (the schedule counts
     epochs by them), the index of its loss in ``loss_names`` and whether it takes this step.
@@ -221,14 +247,27 @@ def make_population_step(
         kept = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return kept, out
 
-    return jax.vmap(member_step)
+    def population_step(state, x, masks, lr, steps_per_epoch, loss_index, active):
+        members = lr.shape[0]
+        operands = (state, x, masks, lr, steps_per_epoch, loss_index, active)
+        chunk = members_per_chunk(members, math.prod(x.shape[1:4]), chunk_pixels)
+        if chunk == members:
+            return jax.vmap(member_step)(*operands)
+        if chunk == 1:  # one member at a time, without vmap's cost
+            return jax.lax.map(lambda one: member_step(*one), operands)
+        chunks = jax.tree.map(lambda a: a.reshape(members // chunk, chunk, *a.shape[1:]), operands)
+        stepped = jax.lax.map(lambda some: jax.vmap(member_step)(*some), chunks)
+        return jax.tree.map(lambda a: a.reshape(members, *a.shape[2:]), stepped)
+
+    return population_step
 
 
 def parallel_population_step(model, gamma, milestones, loss_names, devices):
     """`make_population_step` data-parallel: the stacked state and the per-member settings go
-    in unreplicated, x and masks carry ``[devices, members, ...]``."""
+    in unreplicated, x and masks carry ``[devices, members, ...]``. Chunked on the CPU."""
+    chunk_pixels = CPU_CHUNK_PIXELS if devices[0].platform == "cpu" else None
     return jax.pmap(
-        make_population_step(model, gamma, milestones, loss_names),
+        make_population_step(model, gamma, milestones, loss_names, chunk_pixels),
         axis_name=AXIS,
         in_axes=(None, 0, 0, None, None, None, None),
         out_axes=(None, None),

@@ -16,14 +16,25 @@ from conftest import REPO_ROOT, cli_env, kill_at_first_checkpoint, run_tool, sma
 
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.errors import SettingsError
+from cheapnet_jax.model import CheapNet
 from cheapnet_jax.population import (
+    make_population_step,
+    members_per_chunk,
     parse_axis,
     population_grid,
     population_members,
+    stack_members,
     train_population,
 )
 from cheapnet_jax.synthetic import write_dagm_folder
-from cheapnet_jax.training import train_and_evaluate
+from cheapnet_jax.training import (
+    AXIS,
+    TrainConfig,
+    initial_state,
+    make_optimizer,
+    parallel_train_step,
+    train_and_evaluate,
+)
 
 
 def test_axes_parse_ranges_lists_and_classes():
@@ -67,6 +78,47 @@ def test_the_grid_is_every_combination_with_folder_names(tmp_path):
     same_name = population_grid([parse_axis(f"data={tmp_path}/a/x,{tmp_path}/b/x")])
     with pytest.raises(SettingsError, match="both be named 'data-x'"):
         population_members(small_config(tmp_path), same_name)
+
+
+def test_members_per_chunk_is_the_largest_divisor_within_the_budget():
+    assert members_per_chunk(8, 32_768, None) == 8  # accelerators: one vmap
+    assert members_per_chunk(8, 32_768, 1 << 17) == 4  # 64x64, batch 8
+    assert members_per_chunk(8, 524_288, 1 << 17) == 1  # 256x256: one member at a time
+    assert members_per_chunk(6, 30_000, 100_000) == 3
+    assert members_per_chunk(7, 30_000, 100_000) == 1  # 7 is prime
+    assert members_per_chunk(1, 10**9, 1) == 1
+
+
+@pytest.mark.parametrize("chunk_pixels", [None, 2 * 2 * 32 * 32, 1], ids=["vmap", "2", "1"])
+def test_chunked_population_steps_equal_each_members_solo_step(chunk_pixels):
+    """One vmap over all members, chunks of 2 members one after another, or one member at a
+    time: each member's new state equals its solo training step (float64; 1e-9 as in
+    `assert_equal_to_solo`: vmapped, the conv biases before a BatchNorm keep rounding noise)."""
+    with jax.enable_x64(True):
+        model = CheapNet(2, bn_axis_name=AXIS)
+        lrs = [0.01, 0.003, 0.01, 0.002]
+        configs = [TrainConfig(seed=s, lr=lr, dtype="float64") for s, lr in enumerate(lrs)]
+        states = [initial_state(c, model, make_optimizer(c, 3)) for c in configs]
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((1, 4, 2, 32, 32, 1))
+        masks = rng.random((1, 4, 2, 32, 32, 1)) < 0.1
+        step = jax.pmap(
+            make_population_step(
+                model, configs[0].gamma, configs[0].milestones, ["bce-logits"], chunk_pixels
+            ),
+            axis_name=AXIS,
+            in_axes=(None, 0, 0, None, None, None, None),
+            out_axes=(None, None),
+            devices=jax.devices()[:1],
+        )
+        settings = (np.array(lrs), np.full(4, 3), np.zeros(4, np.int32), np.ones(4, bool))
+        stepped, _ = step(stack_members(states), x, masks, *settings)
+        for i, config in enumerate(configs):
+            solo = parallel_train_step(model, make_optimizer(config, 3), jax.devices()[:1])
+            want, _ = solo(states[i], x[:, i], masks[:, i])
+            got = jax.tree.map(lambda leaf, i=i: leaf[i], stepped)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-9)
 
 
 def assert_equal_to_solo(member_workdir, solo_workdir) -> None:
