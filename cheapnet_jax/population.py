@@ -195,12 +195,13 @@ def _settings_json(settings: dict) -> dict:
     return json.loads(json.dumps(settings))
 
 
-# On the CPU, members go through the step in chunks whose activations stay about this many
-# pixels (members x images x H x W): a vmap over every member at once spills the caches. On
-# the Intel VM at batch 8, 8 members: 64x64 in chunks of 4 took 27.4 ms a step against 34.3
-# for one vmap of 8; at 256x256 one vmap of 8 took 619 ms, 8 solo steps in a row 518
-# (BENCHMARKS.md, "Population training").
-CPU_CHUNK_PIXELS = 1 << 17
+# On the CPU, members go through the step in chunks whose activations stay within about this
+# many pixels (members x images x H x W): one vmap over every member spills the caches. Steps
+# of 8 CheapNet-S at batch 8 (BENCHMARKS.md, "Population training"): at 256x256 (524K pixels a
+# member) one member at a time took 308 ms against 499 for one vmap (AMD EPYC VM), about 518
+# against 619 (Intel Xeon VM); at 64x64 one vmap of 8 (262K pixels) took 19.4 ms against 22.7
+# in chunks of 4 on the EPYC, 34.3 against 27.4 on the Xeon. 512K is the compromise.
+CPU_CHUNK_PIXELS = 1 << 19
 
 
 def members_per_chunk(members: int, pixels_per_member: int, chunk_pixels: int | None) -> int:
@@ -251,10 +252,10 @@ def make_population_step(
         members = lr.shape[0]
         operands = (state, x, masks, lr, steps_per_epoch, loss_index, active)
         chunk = members_per_chunk(members, math.prod(x.shape[1:4]), chunk_pixels)
+        if chunk == 1 and chunk_pixels is not None:  # one at a time, without vmap's cost
+            return jax.lax.map(lambda one: member_step(*one), operands)
         if chunk == members:
             return jax.vmap(member_step)(*operands)
-        if chunk == 1:  # one member at a time, without vmap's cost
-            return jax.lax.map(lambda one: member_step(*one), operands)
         chunks = jax.tree.map(lambda a: a.reshape(members // chunk, chunk, *a.shape[1:]), operands)
         stepped = jax.lax.map(lambda some: jax.vmap(member_step)(*some), chunks)
         return jax.tree.map(lambda a: a.reshape(members, *a.shape[2:]), stepped)
