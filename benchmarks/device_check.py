@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from inference_forms import form_rows  # noqa: E402
 from mask_shapes import shapes, spiral  # noqa: E402
+from population import step_seconds  # noqa: E402
 
 from cheapnet_jax.bench import format_table, time_call, write_json  # noqa: E402
 from cheapnet_jax.detection import make_detector, network_probabilities  # noqa: E402
@@ -155,41 +156,8 @@ def training_row(features: int, batch: int, runs: int) -> dict:
 def population_row(members: int, size: int, batch: int, runs: int) -> dict:
     """Issue 26: one step of a population of ``members`` CheapNet-S against one solo step, on one
     device (ms per step; a population costs about one solo run where the device is not full)."""
-    from cheapnet_jax.population import parallel_population_step, stack_members
-    from cheapnet_jax.training import (
-        AXIS,
-        TrainConfig,
-        initial_state,
-        make_optimizer,
-        parallel_train_step,
-    )
-
-    devices = jax.devices()[:1]
-    model = CheapNet(2, bn_axis_name=AXIS)
-    config = TrainConfig(features=2, batch_size=batch)
-    optimizer = make_optimizer(config, 8)
-    rng = np.random.default_rng(0)
-
-    def batch_of(*members_axis: int) -> tuple[np.ndarray, np.ndarray]:
-        shape = (1, *members_axis, batch, size, size, 1)
-        return rng.standard_normal(shape).astype(np.float32), rng.random(shape) < 0.05
-
-    solo = parallel_train_step(model, optimizer, devices)
-    state = initial_state(config, model, optimizer)
-    x, y = batch_of()
-    solo_s = time_call(lambda: solo(state, x, y)[1]["loss"], runs=runs).median_s
-    step = parallel_population_step(model, config.gamma, config.milestones, ["bce-logits"], devices)
-    stacked = stack_members(
-        [initial_state(TrainConfig(seed=s), model, optimizer) for s in range(members)]
-    )
-    hyper = (
-        np.full(members, 0.01, np.float32),
-        np.full(members, 8, np.int32),
-        np.zeros(members, np.int32),
-        np.ones(members, bool),
-    )
-    x, y = batch_of(members)
-    population_s = time_call(lambda: step(stacked, x, y, *hyper)[1]["loss"], runs=runs).median_s
+    solo_s, population_s = step_seconds(2, size, batch, runs, [members])
+    population_s = population_s[members]
     return {
         "P": members,
         "image": size,

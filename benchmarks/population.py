@@ -32,66 +32,99 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def step_seconds(
+    features: int, size: int, batch: int, runs: int, members: list[int]
+) -> tuple[float, dict[int, float]]:
+    """Median seconds of one solo training step and of one population step of each size in
+    ``members`` (seeds 0..P-1), CheapNet of width ``features`` on one device, random data.
+    Also `benchmarks/device_check.py`'s population row."""
+    import jax
+    import numpy as np
+
+    from cheapnet_jax import CheapNet
+    from cheapnet_jax.bench import time_call
+    from cheapnet_jax.population import parallel_population_step, stack_members
+    from cheapnet_jax.training import (
+        AXIS,
+        TrainConfig,
+        initial_state,
+        make_optimizer,
+        parallel_train_step,
+    )
+
+    devices = jax.devices()[:1]
+    model = CheapNet(features, bn_axis_name=AXIS)
+    config = TrainConfig(features=features, batch_size=batch)
+    optimizer = make_optimizer(config, 8)
+    rng = np.random.default_rng(0)
+
+    def batch_of(*members_axis: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = (1, *members_axis, batch, size, size, 1)  # [devices, (members,) b, H, W, 1]
+        return rng.standard_normal(shape).astype(np.float32), rng.random(shape) < 0.05
+
+    solo = parallel_train_step(model, optimizer, devices)
+    state = initial_state(config, model, optimizer)
+    x, y = batch_of()
+    solo_s = time_call(lambda: solo(state, x, y)[1]["loss"], runs=runs).median_s
+    step = parallel_population_step(model, config.gamma, config.milestones, ["bce-logits"], devices)
+    population_s = {}
+    for p in members:
+        stacked = stack_members(
+            [initial_state(TrainConfig(seed=seed), model, optimizer) for seed in range(p)]
+        )
+        settings = (
+            np.full(p, 0.01, np.float32),
+            np.full(p, 8, np.int32),
+            np.zeros(p, np.int32),
+            np.ones(p, bool),
+        )
+        x, y = batch_of(p)
+        operands = (stacked, x, y, *settings)
+        population_s[p] = time_call(
+            lambda operands=operands: step(*operands)[1]["loss"], runs=runs
+        ).median_s
+    return solo_s, population_s
+
+
+# Run in a new process with a user's environment (`_env`): prints one JSON object.
 STEP_WORKER = """
-import json, sys, jax, numpy as np
-from cheapnet_jax import CheapNet
-from cheapnet_jax.bench import time_call
-from cheapnet_jax.population import parallel_population_step, stack_members
-from cheapnet_jax.training import (AXIS, TrainConfig, initial_state, make_optimizer,
-                                   parallel_train_step)
-features, size, batch, runs = (int(v) for v in sys.argv[1:5])
-members = [int(p) for p in sys.argv[5].split(",")]
-devices = jax.devices()[:1]
-model = CheapNet(features, bn_axis_name=AXIS)
-rng = np.random.default_rng(0)
-
-def batch_of(p):  # [devices, members, b, H, W, 1], or [devices, b, H, W, 1] for a solo run
-    shape = (1, *((p,) if p else ()), batch, size, size, 1)
-    return rng.standard_normal(shape).astype(np.float32), rng.random(shape) < 0.05
-
-config = TrainConfig(features=features, batch_size=batch)
-optimizer = make_optimizer(config, 8)
-solo = parallel_train_step(model, optimizer, devices)
-state = initial_state(config, model, optimizer)
-x, y = batch_of(0)
-solo_s = time_call(lambda: solo(state, x, y)[1]["loss"], warmup=2, runs=runs).median_s
-step = parallel_population_step(model, config.gamma, config.milestones, ["bce-logits"], devices)
-for p in members:
-    stacked = stack_members([initial_state(TrainConfig(seed=s), model, optimizer)
-                             for s in range(p)])
-    hyper = (np.full(p, 0.01, np.float32), np.full(p, 8, np.int32), np.zeros(p, np.int32),
-             np.ones(p, bool))
-    x, y = batch_of(p)
-    population_s = time_call(lambda: step(stacked, x, y, *hyper)[1]["loss"], warmup=2,
-                             runs=runs).median_s
-    print(json.dumps({"image": size, "P": p, "solo ms/step": 1e3 * solo_s,
-                      "population ms/step": 1e3 * population_s}))
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from population import step_seconds
+members = [int(p) for p in sys.argv[6].split(",")]
+solo, population = step_seconds(*(int(v) for v in sys.argv[2:6]), members)
+print(json.dumps({"solo": solo, "population": population}))
 """
 
 
+def _comparison_row(measure: str, size: int, p: int, solo: float, population: float, unit: str):
+    """One table row: population against one and against P solo runs (seconds in, shown in
+    ``unit``: "ms" or "s")."""
+    scale, digits = (1e3, 2) if unit == "ms" else (1.0, 1)
+    return {
+        "measure": measure,
+        "image": size,
+        "P": p,
+        "one solo": f"{scale * solo:.{digits}f} {unit}",
+        "P solo runs": f"{scale * p * solo:.{digits}f} {unit}",
+        "population": f"{scale * population:.{digits}f} {unit}",
+        "x one solo": round(population / solo, 2),
+        "speedup": round(p * solo / population, 2),
+    }
+
+
 def _step_rows(args, size: int) -> list[dict]:
-    command = [sys.executable, "-c", STEP_WORKER, str(args.features), str(size)]
-    command += [str(args.batch_size), str(args.runs), args.members]
+    command = [sys.executable, "-c", STEP_WORKER, str(ROOT / "benchmarks"), str(args.features)]
+    command += [str(size), str(args.batch_size), str(args.runs), args.members]
     output = subprocess.run(
         command, env=_env(), cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
-    rows = []
-    for line in output.strip().splitlines():
-        row = json.loads(line)
-        p, solo, population = row["P"], row["solo ms/step"], row["population ms/step"]
-        rows.append(
-            {
-                "measure": "step",
-                "image": size,
-                "P": p,
-                "one solo": f"{solo:.2f} ms",
-                "P solo runs": f"{p * solo:.2f} ms",
-                "population": f"{population:.2f} ms",
-                "x one solo": round(population / solo, 2),
-                "speedup": round(p * solo / population, 2),
-            }
-        )
-    return rows
+    found = json.loads(output.strip().splitlines()[-1])
+    return [
+        _comparison_row("step", size, int(p), found["solo"], population, "ms")
+        for p, population in found["population"].items()
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -120,18 +153,8 @@ def _end_to_end_rows(args, size: int, scratch: Path) -> list[dict]:
         population = _train_seconds(
             args, size, scratch / f"population-{size}-{p}", ["--population", f"seed=0..{p - 1}"]
         )
-        rows.append(
-            {
-                "measure": f"end to end, {args.epochs} epochs",
-                "image": size,
-                "P": p,
-                "one solo": f"{solo:.1f} s",
-                "P solo runs": f"{p * solo:.1f} s",
-                "population": f"{population:.1f} s",
-                "x one solo": round(population / solo, 2),
-                "speedup": round(p * solo / population, 2),
-            }
-        )
+        measure = f"end to end, {args.epochs} epochs"
+        rows.append(_comparison_row(measure, size, p, solo, population, "s"))
     return rows
 
 

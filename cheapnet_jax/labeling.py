@@ -60,13 +60,14 @@ def opencv_available() -> bool:
 
 def _by_method(method: Method, host_forms: dict, device_form, *operands):
     """``host_forms``: ``{"scipy": ..., "opencv": ...}``, functions on the host callbacks."""
-    if method == "opencv" and not opencv_available():
+    has_opencv = opencv_available()
+    if method == "opencv" and not has_opencv:
         raise ImportError(
             'method="opencv" needs OpenCV: pip install opencv-python-headless '
             "(or cheapnet-jax[opencv])"
         )
     forms = {"union_find": device_form, **host_forms}
-    cpu = "opencv" if opencv_available() else "scipy"
+    cpu = "opencv" if has_opencv else "scipy"
     return per_platform(method, forms, *operands, name="method", cpu=cpu, accelerator="union_find")
 
 
