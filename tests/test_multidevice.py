@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, cli_env, run_tool
+from conftest import REPO_ROOT, cli_env, run_tool, shared_across_workers
 
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.torch_import import load_torch_checkpoint
@@ -64,12 +64,25 @@ def assert_same_variables(a, b, atol: float) -> None:
         np.testing.assert_allclose(x, y, rtol=0, atol=atol)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def float64_run_on_eight_devices(tmp_path_factory):
+    """TINY_RUN for 2 epochs in float64 on 8 devices: what every other way of training the same
+    run (resumed on other device counts, several processes) must give, to 1e-9. Trained once
+    for all workers."""
+
+    def build(folder):
+        train(folder / "run", 8, "--dtype", "float64")
+
+    return shared_across_workers(tmp_path_factory, "float64-eight-devices", build) / "run"
+
+
+@pytest.fixture(scope="session")
 def eight_device_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("eight") / "run"
-    result = train(workdir, 8, "--variant", "M")  # the design's `--variant M --devices 8`
-    assert "simulating 8 CPU devices" in result.stdout
-    return workdir
+    def build(folder):
+        result = train(folder / "run", 8, "--variant", "M")  # `--variant M --devices 8`
+        assert "simulating 8 CPU devices" in result.stdout
+
+    return shared_across_workers(tmp_path_factory, "m-eight-devices", build) / "run"
 
 
 def test_a_run_on_eight_devices_is_evaluated_by_one_and_by_three(eight_device_run, tmp_path):
@@ -122,22 +135,25 @@ def test_a_run_on_eight_devices_is_served_and_exported_by_one(eight_device_run, 
     assert_same_variables(jax.tree.leaves(variables), jax.tree.leaves(from_torch), atol=0)
 
 
-def test_resuming_on_1_2_or_8_devices_continues_the_same_run(tmp_path):
+def test_a_run_begun_on_2_devices_resumed_on_1_or_8_is_the_uninterrupted_run(
+    float64_run_on_eight_devices, tmp_path
+):
+    """(Resuming on the device count that wrote the checkpoint: tests/test_training.py's and
+    tests/test_population.py's kill-and-resume tests.)"""
     first = tmp_path / "first"
     train(first, 2, "--dtype", "float64", epochs=1)
     after_first = variables_of(first)
-    resumed = {}
-    for devices in (1, 2, 8):
+    uninterrupted = variables_of(float64_run_on_eight_devices)
+    for devices in (1, 8):
         workdir = tmp_path / f"on{devices}"
         shutil.copytree(first, workdir)
         result = train(workdir, devices, "--dtype", "float64", epochs=2)
         assert "resumed from" in result.stdout and "at epoch 1 (step 2)" in result.stdout
-        resumed[devices] = variables_of(workdir)
-        assert resumed[devices][0].dtype == np.float64
-    assert_same_variables(resumed[1], resumed[2], atol=1e-9)
-    assert_same_variables(resumed[8], resumed[2], atol=1e-9)
-    moved = max(np.abs(a - b).max() for a, b in zip(resumed[2], after_first, strict=True))
-    assert moved > 1e-4  # the second epoch did train
+        resumed = variables_of(workdir)
+        assert resumed[0].dtype == np.float64
+        assert_same_variables(resumed, uninterrupted, atol=1e-9)
+        moved = max(np.abs(a - b).max() for a, b in zip(resumed, after_first, strict=True))
+        assert moved > 1e-4  # the second epoch did train
 
 
 def free_port() -> int:
@@ -165,10 +181,9 @@ sys.exit(train.main(sys.argv[3:]))
 """
 
 
-def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
-    single = tmp_path / "single"
-    train(single, 8, "--dtype", "float64")
-
+def test_two_processes_train_as_one_process_with_eight_devices(
+    float64_run_on_eight_devices, tmp_path
+):
     workdir = tmp_path / "two-processes"
     port = free_port()
     processes = []
@@ -208,7 +223,9 @@ def test_two_processes_train_as_one_process_with_eight_devices(tmp_path):
     assert steps == ["2", "4"]
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
 
-    assert_same_variables(variables_of(workdir), variables_of(single), atol=1e-9)
+    assert_same_variables(
+        variables_of(workdir), variables_of(float64_run_on_eight_devices), atol=1e-9
+    )
 
     evaluated = run_tool("evaluate.py", "--checkpoint", str(workdir), "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr

@@ -42,6 +42,7 @@ REFERENCE_DETECTION = {
     128: (0.8012, 1.0000, 0.8366, 1.0000, 23),
     1024: (0.4535, 0.6584, 0.7335, 1.0000, 104),
 }
+TORCH_FLOAT32_IMAGES_LARGE_G = 2
 METRIC_NAMES = ("miou", "iou_background", "iou_defect", "macc", "pixel_acc")
 DETECTION_NAMES = ("map_paper", "ap50_paper", "map_component", "ap50_component")
 
@@ -152,17 +153,24 @@ def _cross_framework(features: int, samples_folder) -> None:
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
     del reference64
 
-    # float32, the precision users run: all 10 samples, one image at a time for large G.
+    # float32, the precision users run: all 10 samples through Flax (REFERENCE.md's figures
+    # below), one image at a time for large G. PyTorch's float32 probabilities are compared on
+    # all 10 up to G=128 and on the first TORCH_FLOAT32_IMAGES_LARGE_G above, where PyTorch's CPU
+    # forward of a 512x512 image takes 2.6 s (G=512) to 10 s (G=1024) and the float64
+    # agreement above already shows the two compute the same function.
     model, variables = load_torch_checkpoint(path)
     reference = load_reference(path)
     step = 10 if features <= 64 else 1
+    compared = len(x) if features <= 128 else TORCH_FLOAT32_IMAGES_LARGE_G
     flax_probs, torch_probs = [], []
     for start in range(0, len(x), step):
         flax_probs.append(_flax_probabilities(model, variables, x[start : start + step]))
-        torch_probs.append(probabilities_nhwc(reference, x[start : start + step]))
+        if start < compared:
+            torch_probs.append(probabilities_nhwc(reference, x[start : start + step]))
     flax_probs, torch_probs = np.concatenate(flax_probs), np.concatenate(torch_probs)
-    assert np.max(np.abs(flax_probs - torch_probs)) <= 1e-3
-    disagreeing = np.mean((flax_probs > 0.5) != (torch_probs > 0.5))
+    assert len(torch_probs) == compared
+    assert np.max(np.abs(flax_probs[:compared] - torch_probs)) <= 1e-3
+    disagreeing = np.mean((flax_probs[:compared] > 0.5) != (torch_probs > 0.5))
     assert disagreeing <= 1e-5
 
     figures = segmentation_metrics(counts_from_array(confusion_counts(flax_probs > 0.5, masks)))
