@@ -46,6 +46,7 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -n 2
 
-# The unit tests alone: no CLI, server or multi-process run, none of the slow reproductions.
+# The unit tests alone: no CLI, server or multi-process run, no training run, none of the slow
+# reproductions.
 test-fast: install
-	$(BIN)/python -m pytest -n 2 -m "not process and not slow"
+	$(BIN)/python -m pytest -n 2 -m "not process and not training and not slow"

@@ -142,27 +142,53 @@ def small_config(workdir, **overrides) -> TrainConfig:
 
 
 # Tests that start other processes (the CLIs, servers, several jax.distributed processes) are
-# marked `process` from their source and their fixtures' source, so that `make test-fast` can
-# leave them out: the unit tests alone.
-_PROCESS_WORDS = ("run_tool(", "subprocess.", "Popen(", "Server(", "run_train(", "train(workdir")
+# marked `process`, and tests that train a model in this process `training`, from their source,
+# their fixtures' source and the source of their module's helper functions that they call, so
+# that `make test-fast` can leave them out: the unit tests alone.
+_MARKER_WORDS = {
+    "process": ("run_tool(", "subprocess.", "Popen(", "Server(", "train(workdir"),
+    "training": ("train_and_evaluate(", "train_population(", "parallel_train_step("),
+}
 
 
-def _starts_processes(function) -> bool:
+def _source(function) -> str:
     import inspect
 
     try:
-        source = inspect.getsource(function)
+        return inspect.getsource(function)
     except (OSError, TypeError):
-        return False
-    return any(word in source for word in _PROCESS_WORDS)
+        return ""
+
+
+def _marker_words(module, marker: str) -> tuple[str, ...]:
+    """The marker's words, and ``name(`` for each helper function of ``module`` (not a test)
+    whose source holds one of them."""
+    import inspect
+
+    words = _MARKER_WORDS[marker]
+    helpers = [
+        f"{name}("
+        for name, value in vars(module).items()
+        if inspect.isfunction(value)
+        and value.__module__ == module.__name__
+        and not name.startswith("test_")
+        and any(word in _source(value) for word in words)
+    ]
+    return (*words, *helpers)
 
 
 def pytest_collection_modifyitems(config, items):
+    words_of = {}
     for item in items:
         functions = [getattr(item, "function", None)]
         fixture_info = getattr(item, "_fixtureinfo", None)
         if fixture_info is not None:
             for definitions in fixture_info.name2fixturedefs.values():
                 functions += [d.func for d in definitions]
-        if any(_starts_processes(f) for f in functions if f is not None):
-            item.add_marker(pytest.mark.process)
+        sources = [_source(f) for f in functions if f is not None]
+        for marker in _MARKER_WORDS:
+            key = (item.module.__name__, marker)
+            if key not in words_of:
+                words_of[key] = _marker_words(item.module, marker)
+            if any(word in source for word in words_of[key] for source in sources):
+                item.add_marker(getattr(pytest.mark, marker))

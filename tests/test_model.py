@@ -124,7 +124,12 @@ def test_conv_transpose_matches_torch(impl, in_features, features, groups):
 
 @pytest.mark.parametrize(
     ("features", "height", "width", "use_jit"),
-    [(1, 16, 16, False), (2, 32, 48, True), (5, 48, 32, True), (16, 32, 32, True)],
+    [
+        (1, 16, 16, False),
+        (2, 32, 48, True),
+        (5, 48, 32, True),
+        pytest.param(16, 32, 32, True, marks=pytest.mark.slow),
+    ],
 )
 def test_fused_equals_lax_inference_and_gradients(features, height, width, use_jit):
     variables = random_variables(features, seed=features)

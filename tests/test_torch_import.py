@@ -203,7 +203,7 @@ def _check_detection(features, flax_probs, masks, path, x) -> None:
 @pytest.mark.parametrize(
     "features",
     [
-        pytest.param(g, marks=[pytest.mark.slow] if g >= 256 else [])
+        pytest.param(g, marks=[pytest.mark.slow] if g >= 32 else [])
         for g in CHECKPOINT_FEATURES
         if g <= 512
     ],
