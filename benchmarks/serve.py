@@ -9,15 +9,20 @@ clients posting the 10 real 512x512 samples (else synthetic images of that size)
 ``--duration`` seconds, each client waiting for its answer before the next request. Every
 answer is compared with the in-process detector's for its image (boxes and areas equal, scores
 within 1e-5): a lost or wrong answer is counted. Reported: answers/s, p50/p95/p99 latency,
-errors, the server's resident memory after warm-up and at the end, and the in-process
-detector's images/s at the same batch size (`Inspector.inspect_batch`, batches of --max-batch)
-for the ratio. Requests stop at the deadline; the server is stopped with SIGTERM.
+errors, the server's resident memory after warm-up and at the end, the CPU time the server and
+the load generator spent per answer, and the in-process detector's images/s at the same batch
+size (`Inspector.inspect_batch`, batches of --max-batch) for the ratio. Requests stop at the
+deadline; the server is stopped with SIGTERM. The load generator shares the machine's cores with
+the server: ``--client raw`` (default) posts prepared requests on keep-alive connections with
+asyncio streams, ``--client httpx`` uses httpx (several times the CPU per request).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,6 +98,12 @@ def expected_answers(path: Path, payloads: list[bytes], max_batch: int) -> tuple
     return expected, max_batch / statistics.median(times)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def resident_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -106,36 +117,89 @@ def same(answer: list, expected: list) -> bool:
     return all(abs(a["score"] - e["score"]) <= 1e-5 for a, e in zip(answer, expected, strict=True))
 
 
-async def load(url: str, payloads, expected, clients: int, duration: float) -> dict:
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection that posts prepared requests: a load generator that
+    takes little of the CPU it shares with the server (``--client raw``, the default; the
+    table's client CPU column shows what httpx takes)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            self.writer.write(request)
+            status = int((await self.reader.readline()).split()[1])
+            length = 0
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            return status, await self.reader.readexactly(length)
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
+            self.close()
+            raise ConnectionError("the connection broke") from None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def inspect_request(host: str, port: int, payload: bytes) -> bytes:
+    head = (
+        f"POST /v1/inspect HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+async def load(
+    url: str, payloads, expected, clients: int, duration: float, client_kind: str = "raw"
+) -> dict:
     latencies, wrong, errors = [], 0, 0
     deadline = time.monotonic() + duration
-    limits = httpx.Limits(max_connections=clients)
+    host, port = url.removeprefix("http://").split(":")
+    requests = [inspect_request(host, int(port), payload) for payload in payloads]
 
-    async def client(index: int, http: httpx.AsyncClient) -> None:
+    async def client(index: int, http: httpx.AsyncClient | None) -> None:
         nonlocal wrong, errors
+        connection = RawConnection(host, int(port))
         n = index
         while time.monotonic() < deadline:
             k = n % len(payloads)
             n += 1
             start = time.perf_counter()
             try:
-                response = await http.post(
-                    f"{url}/v1/inspect",
-                    content=payloads[k],
-                    headers={"content-type": "image/png"},
-                )
-            except httpx.HTTPError:
+                if http is None:
+                    status, body = await connection.post(requests[k])
+                else:
+                    response = await http.post(
+                        f"{url}/v1/inspect",
+                        content=payloads[k],
+                        headers={"content-type": "image/png"},
+                    )
+                    status, body = response.status_code, response.content
+            except (ConnectionError, httpx.HTTPError):
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - start)
-            if response.status_code != 200:
+            if status != 200:
                 errors += 1
-            elif not same(response.json()["defects"], expected[k]):
+            elif not same(json.loads(body)["defects"], expected[k]):
                 wrong += 1
+        connection.close()
 
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
+    if client_kind == "raw":
+        await asyncio.gather(*(client(i, None) for i in range(clients)))
+    else:
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+            await asyncio.gather(*(client(i, http) for i in range(clients)))
     elapsed = time.monotonic() - started
     q = np.quantile(latencies, [0.5, 0.95, 0.99]) * 1000 if latencies else [np.nan] * 3
     return {
@@ -149,7 +213,16 @@ async def load(url: str, payloads, expected, clients: int, duration: float) -> d
     }
 
 
-def run(features: int, clients_list, duration, max_batch, max_wait_ms, folder) -> list[dict]:
+def run(
+    features: int,
+    clients_list,
+    duration,
+    max_batch,
+    max_wait_ms,
+    folder,
+    client_kind,
+    early_dispatch,
+) -> list[dict]:
     path = checkpoint(features, folder)
     payloads = images()
     expected, in_process = expected_answers(path, payloads, max_batch)
@@ -158,7 +231,7 @@ def run(features: int, clients_list, duration, max_batch, max_wait_ms, folder) -
         sys.executable, "-m", "cheapnet_jax.serve", "--checkpoint", str(path),
         "--port", str(port), "--warm", "512", "--max-batch", str(max_batch),
         "--max-wait-ms", str(max_wait_ms), "--max-queue", "256", "--log-level", "warning",
-        "--no-calibration",
+        "--no-calibration", "--early-dispatch" if early_dispatch else "--no-early-dispatch",
     ]  # fmt: skip
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -171,10 +244,20 @@ def run(features: int, clients_list, duration, max_batch, max_wait_ms, folder) -
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        asyncio.run(load(url, payloads, expected, 4, 5))  # warm the connections and caches
+        asyncio.run(
+            load(url, payloads, expected, 4, 5, client_kind)
+        )  # warm the connections and caches
         for clients in clients_list:
             start_mib = resident_mib(server.pid)
-            figures = asyncio.run(load(url, payloads, expected, clients, duration))
+            server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+            figures = asyncio.run(load(url, payloads, expected, clients, duration, client_kind))
+            answers = max(figures["answers"], 1)
+            figures["server_cpu_ms_per_answer"] = (
+                1000 * (cpu_seconds(server.pid) - server_cpu) / answers
+            )
+            figures["client_cpu_ms_per_answer"] = (
+                1000 * (time.process_time() - client_cpu) / answers
+            )
             rows.append(
                 {
                     "G": features,
@@ -200,6 +283,18 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="the load generator: prepared requests on raw keep-alive connections, or httpx",
+    )
+    parser.add_argument(
+        "--early-dispatch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the service's --early-dispatch",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     folder = Path("out")
@@ -207,7 +302,16 @@ def main() -> None:
     rows = []
     for features in [int(g) for g in args.features.split(",")]:
         clients = [int(c) for c in args.clients.split(",")]
-        rows += run(features, clients, args.duration, args.max_batch, args.max_wait_ms, folder)
+        rows += run(
+            features,
+            clients,
+            args.duration,
+            args.max_batch,
+            args.max_wait_ms,
+            folder,
+            args.client,
+            args.early_dispatch,
+        )
     print(machine_description())
     print(format_table(rows, list(rows[0])))
     if args.json:

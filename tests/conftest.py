@@ -192,3 +192,7 @@ def pytest_collection_modifyitems(config, items):
                 words_of[key] = _marker_words(item.module, marker)
             if any(word in source for word in words_of[key] for source in sources):
                 item.add_marker(getattr(pytest.mark, marker))
+    # The long tests first (in their order), so that the two xdist workers do not end with one
+    # of them alone on a long test while the other has nothing left.
+    long = {"slow", "process", "training"}
+    items.sort(key=lambda item: not long & {mark.name for mark in item.iter_markers()})

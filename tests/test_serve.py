@@ -97,6 +97,47 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert info.queued_s >= 0.09 and waited < 2
 
 
+def test_early_dispatch_sends_what_came_together_once_nothing_more_is_on_its_way():
+    """With early_dispatch a free worker waits (up to max_wait, here 10 s) only for requests
+    announced with expect(): three that arrived together leave as one batch when the third is
+    submitted; one whose decoding failed (unexpect) is not waited for; a lone request leaves
+    at once."""
+    device = FakeDevice()
+
+    async def scenario():
+        batcher = DynamicBatcher(
+            device, workers=1, max_batch=8, max_wait_s=10.0, early_dispatch=True
+        )
+        batcher.start()
+        started = time.monotonic()
+        for _ in range(3):
+            batcher.expect()
+        together = [asyncio.ensure_future(batcher.submit("a", i, expected=True)) for i in (0, 1)]
+        await asyncio.sleep(0.2)
+        assert device.calls == []  # the third is on its way
+        together.append(asyncio.ensure_future(batcher.submit("a", 2, expected=True)))
+        first = await asyncio.gather(*together)
+        batcher.expect()
+        batcher.expect()
+        refused_one = asyncio.ensure_future(batcher.submit("b", 3, expected=True))
+        await asyncio.sleep(0.2)
+        assert len(device.calls) == 1  # still waiting for the second
+        batcher.unexpect()  # its image could not be decoded
+        second = await refused_one
+        lone = await batcher.submit("c", 4)
+        await batcher.close()
+        return first, second, lone, time.monotonic() - started
+
+    first, second, lone, elapsed = asyncio.run(scenario())
+    assert [(key, items) for key, items in device.calls] == [
+        ("a", [0, 1, 2]),
+        ("b", [3]),
+        ("c", [4]),
+    ]
+    assert [info.size for _, info in first] == [3, 3, 3] and second[1].size == 1
+    assert lone[1].queued_s < 1 and elapsed < 5  # nothing waited out the 10 s
+
+
 def test_a_full_queue_refuses_and_a_cancelled_request_leaves_no_work():
     device = FakeDevice()
 
@@ -466,7 +507,7 @@ def test_served_from_the_command_line_drains_on_sigterm(random_pkl, tmp_path):
     relative = os.path.relpath(random_pkl, elsewhere)
     server = Server(
         "--checkpoint", relative, "--token-file", str(token_file), "--warm", "32x48",
-        "--max-wait-ms", "600", "--max-batch", "4",
+        "--max-wait-ms", "600", "--no-early-dispatch", "--max-batch", "4",
         token="line-7-token", cwd=elsewhere,
     )  # fmt: skip
     try:

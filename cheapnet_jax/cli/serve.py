@@ -52,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms",
         type=cli.finite,
         default=ServiceOptions.max_wait_ms,
-        help="how long the first image of a batch waits for others",
+        help="how long the first image of a batch waits for others (at most: see --early-dispatch)",
+    )
+    add(
+        "--early-dispatch",
+        action=argparse.BooleanOptionalAction,
+        default=ServiceOptions.early_dispatch,
+        help="when a device is free and no other request is being received or decoded, send "
+        "the waiting images at once rather than wait out --max-wait-ms (the requests that came "
+        "together still share a batch)",
     )
     add(
         "--max-queue",
@@ -131,6 +139,7 @@ def _main(argv: list[str]) -> int:
         inspector,
         ServiceOptions(
             max_wait_ms=args.max_wait_ms,
+            early_dispatch=args.early_dispatch,
             max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             max_image_pixels=args.max_image_pixels,

@@ -60,6 +60,7 @@ class ServiceOptions:
     max_image_pixels: int = 8192 * 8192
     warm: tuple[tuple[int, int], ...] = ((512, 512),)
     token: str | None = None  # bearer token; None: no authentication
+    early_dispatch: bool = True  # see DynamicBatcher: no waiting when no request is on its way
     retry_after_s: int = 1
 
 
@@ -265,6 +266,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             on_batch=metrics.batch_size.observe,
             on_queue=metrics.queue_depth.set,
             on_in_flight=metrics.in_flight.set,
+            early_dispatch=options.early_dispatch,
         )
         batcher.start()
         batcher_box["batcher"] = batcher
@@ -360,8 +362,16 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         overlay: Annotated[bool, Query(description="return a PNG overlay (base64)")] = False,
     ) -> JSONResponse:
         arrived = time.monotonic()
-        payload, name = await _read_image_bytes(request)
-        image, warning = await asyncio.to_thread(_decode, payload, name, options.max_image_pixels)
+        batcher = batcher_box["batcher"]
+        batcher.expect()  # on its way: a free worker waits for it rather than leave without it
+        try:
+            payload, name = await _read_image_bytes(request)
+            image, warning = await asyncio.to_thread(
+                _decode, payload, name, options.max_image_pixels
+            )
+        except BaseException:
+            batcher.unexpect()
+            raise
         decoded = time.monotonic()
         given = {"threshold": threshold, "min_area": min_area}
         settings = {
@@ -376,9 +386,9 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             int(settings["min_area"]["value"]),
             inspector.tiled(image.shape),
         )
-        batcher = batcher_box["batcher"]
+        submission = batcher.submit(key, (image, overlay), expected=True)
         try:
-            served = await _unless_disconnected(request, batcher.submit(key, (image, overlay)))
+            served = await _unless_disconnected(request, submission)
         except QueueFullError as err:
             raise ApiError(
                 503, f"busy: {err}", {"Retry-After": str(options.retry_after_s)}

@@ -4,7 +4,11 @@ Each request's image waits under a key (its shape and settings: what one compile
 run together). A key's images go to the device as one batch when ``max_batch`` of them wait or
 when the oldest has waited ``max_wait`` seconds, whichever comes first, as soon as one of the
 workers (one per device) is free. While every worker is busy, waiting images simply gather into
-larger batches. At most ``max_queue`` images wait: one more is refused (`QueueFullError`), so a
+larger batches. With ``early_dispatch``, a free worker does not wait out ``max_wait`` once no
+request announced with `expect` (arrived, still being read or decoded) is on its way: the
+requests that came together (clients answered together post again together) leave as one batch
+as soon as the last of them is submitted, and a lone request leaves at once. At most
+``max_queue`` images wait: one more is refused (`QueueFullError`), so a
 burst can never grow the memory without bound. A request whose caller gave up (its future
 cancelled) before its batch left is dropped from it: no work is left behind for it.
 
@@ -63,12 +67,15 @@ class DynamicBatcher:
         on_batch: Callable[[int], None] = lambda size: None,
         on_queue: Callable[[int], None] = lambda depth: None,
         on_in_flight: Callable[[int], None] = lambda count: None,
+        early_dispatch: bool = False,
     ):
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
         self._on_batch, self._on_queue, self._on_in_flight = on_batch, on_queue, on_in_flight
+        self._early_dispatch = early_dispatch
+        self._expected = 0  # announced with `expect`, not yet submitted
         self._waiting: dict[Hashable, list[_Waiting]] = {}
         self._free_workers: asyncio.Queue[int] = asyncio.Queue()
         for worker in range(workers):
@@ -88,15 +95,32 @@ class DynamicBatcher:
     def start(self) -> None:
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
-    async def submit(self, key: Hashable, item: Any) -> tuple[Any, BatchInfo]:
+    def expect(self) -> None:
+        """A request has arrived and will be submitted (``submit(..., expected=True)``) or
+        given up (`unexpect`)."""
+        self._expected += 1
+
+    def unexpect(self) -> None:
+        """An expected request will not be submitted (it was refused)."""
+        self._expected -= 1
+        self._arrived.set()
+
+    async def submit(
+        self, key: Hashable, item: Any, expected: bool = False
+    ) -> tuple[Any, BatchInfo]:
         """``item``'s result and its batch; QueueFullError when ``max_queue`` items wait.
-        Cancelling the caller drops the item if its batch has not left yet."""
-        if self._closing:
-            raise RuntimeError("the batcher is closing")
-        if self.depth >= self._max_queue:
-            raise QueueFullError(f"{self._max_queue} images are waiting already")
-        waiting = _Waiting(item, asyncio.get_running_loop().create_future())
-        self._waiting.setdefault(key, []).append(waiting)
+        ``expected``: announced with `expect`. Cancelling the caller drops the item if its
+        batch has not left yet."""
+        try:
+            if self._closing:
+                raise RuntimeError("the batcher is closing")
+            if self.depth >= self._max_queue:
+                raise QueueFullError(f"{self._max_queue} images are waiting already")
+            waiting = _Waiting(item, asyncio.get_running_loop().create_future())
+            self._waiting.setdefault(key, []).append(waiting)
+        finally:
+            if expected:  # in the queue (or refused) before the dispatcher looks again
+                self._expected -= 1
         self._on_queue(self.depth)
         self._arrived.set()
         try:
@@ -136,7 +160,8 @@ class DynamicBatcher:
             return min(full, key=oldest.get), 0.0
         key = min(oldest, key=oldest.get)
         due = oldest[key] + self._max_wait_s - time.monotonic()
-        if due <= 0 or self._closing:
+        nothing_on_its_way = self._early_dispatch and self._expected == 0
+        if due <= 0 or self._closing or nothing_on_its_way:
             return key, 0.0
         return None, due
 
