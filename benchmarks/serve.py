@@ -11,7 +11,10 @@ answer is compared with the in-process detector's for its image (boxes and areas
 within 1e-5): a lost or wrong answer is counted. Reported: answers/s, p50/p95/p99 latency,
 errors, the server's resident memory after warm-up and at the end, the CPU time the server and
 the load generator spent per answer, and the in-process detector's images/s at the same batch
-size (`Inspector.inspect_batch`, batches of --max-batch) for the ratio. Requests stop at the
+size (`Inspector.inspect_batch`, batches of --max-batch) for the ratio: on decoded images
+(``ratio``) and on the PNG files decoded as the service decodes them (``ratio_decoding``: the
+service must decode every request). ``p99_goal_ms`` is twice the in-process time of a batch of
+min(clients, --max-batch) images plus --max-wait-ms. Requests stop at the
 deadline; the server is stopped with SIGTERM. The load generator shares the machine's cores with
 the server: ``--client raw`` (default) posts prepared requests on keep-alive connections with
 asyncio streams, ``--client httpx`` uses httpx (several times the CPU per request).
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import statistics
@@ -38,6 +42,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cheapnet_jax.bench import format_table, machine_description, write_json  # noqa: E402
 from cheapnet_jax.calibration import Setting  # noqa: E402
 from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint  # noqa: E402
+from cheapnet_jax.data import decode_image  # noqa: E402
+from cheapnet_jax.evaluation import compiled_batch_size  # noqa: E402
 from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -61,8 +67,6 @@ def checkpoint(features: int, folder: Path) -> Path:
 def images() -> list[bytes]:
     if SAMPLES.is_dir():
         return [p.read_bytes() for p in sorted(SAMPLES.glob("*.PNG"))]
-    import io
-
     from PIL import Image
 
     from cheapnet_jax.synthetic import make_split
@@ -75,27 +79,45 @@ def images() -> list[bytes]:
     return found
 
 
-def expected_answers(path: Path, payloads: list[bytes], max_batch: int) -> tuple[list, float]:
-    """The in-process detector's defects of each image, and its images/s at ``max_batch``."""
-    import io
+def median_seconds(function, calls: int = 10) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
-    from PIL import Image
 
+def in_process_figures(path: Path, payloads: list[bytes], max_batch: int) -> dict:
+    """The in-process detector (`Inspector.inspect_batch`): each image's defects, images/s on
+    batches of ``max_batch`` decoded images and on PNG files decoded as the service decodes
+    them (`decode_image`), and the seconds of a batch of each compiled size."""
     loaded = load_checkpoint(path)
     defaults = {"threshold": Setting(0.5, "default"), "min_area": Setting(0, "default")}
     inspector = Inspector(
         path, loaded, AUTHORS_NORMALIZATION, defaults, InspectorOptions(max_batch=max_batch)
     )
-    pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("L")) for p in payloads]
+
+    def decode(payload: bytes) -> np.ndarray:
+        return decode_image(io.BytesIO(payload), "png", convert_to_grayscale=True)[0]
+
+    pixels = [decode(p) for p in payloads]
     expected = [inspector.inspect_batch(0, [image], 0.5, 0)[0].defects for image in pixels]
-    batch = (pixels * max_batch)[:max_batch]
-    inspector.inspect_batch(0, batch, 0.5, 0)
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
+    batch_seconds = {}
+    for size in sorted({compiled_batch_size(n, max_batch) for n in range(1, max_batch + 1)}):
+        batch = (pixels * size)[:size]
         inspector.inspect_batch(0, batch, 0.5, 0)
-        times.append(time.perf_counter() - start)
-    return expected, max_batch / statistics.median(times)
+        batch_seconds[size] = median_seconds(lambda b=batch: inspector.inspect_batch(0, b, 0.5, 0))
+    files = (payloads * max_batch)[:max_batch]
+    with_decoding = median_seconds(
+        lambda: inspector.inspect_batch(0, [decode(f) for f in files], 0.5, 0)
+    )
+    return {
+        "expected": expected,
+        "img_s": max_batch / batch_seconds[max_batch],
+        "decoding_img_s": max_batch / with_decoding,
+        "batch_seconds": batch_seconds,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -225,7 +247,8 @@ def run(
 ) -> list[dict]:
     path = checkpoint(features, folder)
     payloads = images()
-    expected, in_process = expected_answers(path, payloads, max_batch)
+    in_process = in_process_figures(path, payloads, max_batch)
+    expected = in_process["expected"]
     port = 8700 + features % 97
     command = [
         sys.executable, "-m", "cheapnet_jax.serve", "--checkpoint", str(path),
@@ -248,6 +271,7 @@ def run(
             load(url, payloads, expected, 4, 5, client_kind)
         )  # warm the connections and caches
         for clients in clients_list:
+            full = compiled_batch_size(min(clients, max_batch), max_batch)
             start_mib = resident_mib(server.pid)
             server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
             figures = asyncio.run(load(url, payloads, expected, clients, duration, client_kind))
@@ -263,8 +287,13 @@ def run(
                     "G": features,
                     "clients": clients,
                     **figures,
-                    "in_process_img_s": in_process,
-                    "ratio": figures["answers_per_s"] / in_process,
+                    "in_process_img_s": in_process["img_s"],
+                    "ratio": figures["answers_per_s"] / in_process["img_s"],
+                    "in_process_decoding_img_s": in_process["decoding_img_s"],
+                    "ratio_decoding": figures["answers_per_s"] / in_process["decoding_img_s"],
+                    # the goal at this load: p99 under 2x the compute of a batch of
+                    # min(clients, max_batch) images plus --max-wait-ms
+                    "p99_goal_ms": 2000 * in_process["batch_seconds"][full] + max_wait_ms,
                     "rss_start_mib": start_mib,
                     "rss_end_mib": resident_mib(server.pid),
                 }
