@@ -27,7 +27,6 @@ import asyncio
 import io
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +38,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from cheapnet_jax.bench import format_table, machine_description, write_json  # noqa: E402
+from cheapnet_jax.bench import (  # noqa: E402
+    format_table,
+    machine_description,
+    time_call,
+    write_json,
+)
 from cheapnet_jax.calibration import Setting  # noqa: E402
 from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint  # noqa: E402
 from cheapnet_jax.data import decode_image  # noqa: E402
@@ -79,15 +83,6 @@ def images() -> list[bytes]:
     return found
 
 
-def median_seconds(function, calls: int = 10) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def in_process_figures(path: Path, payloads: list[bytes], max_batch: int) -> dict:
     """The in-process detector (`Inspector.inspect_batch`): each image's defects, images/s on
     batches of ``max_batch`` decoded images and on PNG files decoded as the service decodes
@@ -106,12 +101,12 @@ def in_process_figures(path: Path, payloads: list[bytes], max_batch: int) -> dic
     batch_seconds = {}
     for size in sorted({compiled_batch_size(n, max_batch) for n in range(1, max_batch + 1)}):
         batch = (pixels * size)[:size]
-        inspector.inspect_batch(0, batch, 0.5, 0)
-        batch_seconds[size] = median_seconds(lambda b=batch: inspector.inspect_batch(0, b, 0.5, 0))
+        timing = time_call(lambda b=batch: inspector.inspect_batch(0, b, 0.5, 0))
+        batch_seconds[size] = timing.median_s
     files = (payloads * max_batch)[:max_batch]
-    with_decoding = median_seconds(
+    with_decoding = time_call(
         lambda: inspector.inspect_batch(0, [decode(f) for f in files], 0.5, 0)
-    )
+    ).median_s
     return {
         "expected": expected,
         "img_s": max_batch / batch_seconds[max_batch],

@@ -146,7 +146,7 @@ def small_config(workdir, **overrides) -> TrainConfig:
 # their fixtures' source and the source of their module's helper functions that they call, so
 # that `make test-fast` can leave them out: the unit tests alone.
 _MARKER_WORDS = {
-    "process": ("run_tool(", "subprocess.", "Popen(", "Server(", "train(workdir"),
+    "process": ("run_tool(", "subprocess.", "Popen(", "Server("),
     "training": ("train_and_evaluate(", "train_population(", "parallel_train_step("),
 }
 
@@ -192,7 +192,3 @@ def pytest_collection_modifyitems(config, items):
                 words_of[key] = _marker_words(item.module, marker)
             if any(word in source for word in words_of[key] for source in sources):
                 item.add_marker(getattr(pytest.mark, marker))
-    # The long tests first (in their order), so that the two xdist workers do not end with one
-    # of them alone on a long test while the other has nothing left.
-    long = {"slow", "process", "training"}
-    items.sort(key=lambda item: not long & {mark.name for mark in item.iter_markers()})
