@@ -11,17 +11,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
 
-# A persistent compilation cache per xdist worker (concurrent writers to one directory are not
-# safe; the size limit also turns on jax's file lock, for a test and the CLI processes it starts,
-# which inherit these variables through `cli_env`). Programs compile once per worker and are
-# read back by every later test and CLI process; a corrupt or stale entry is only a warning
-# (jax_raise_persistent_cache_errors is off) and the program is compiled again. Kept between
-# runs in the ignored .jax-cache/; CHEAPNET_TEST_CACHE=0 turns it off.
+# One persistent compilation cache for the session's xdist workers and the CLI processes the
+# tests start (they inherit these variables through `cli_env`): a program compiled by one is read
+# back by all the others. The cache key covers the cache's folder (jax writes it into the compile
+# options), so per-worker folders shared nothing. Concurrent use is safe because the size limit
+# turns on jax's file lock around every read and write of the folder. A corrupt or stale entry
+# is only a warning (jax_raise_persistent_cache_errors is off) and the program is compiled again.
+# Kept between runs in the ignored .jax-cache/; CHEAPNET_TEST_CACHE=0 turns it off.
 if os.environ.get("CHEAPNET_TEST_CACHE", "1") != "0":
-    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    _cache = Path(__file__).resolve().parents[1] / ".jax-cache" / _worker
-    # Set, not defaulted: xdist's workers inherit the environment of the controller, which
-    # imports this file too (as "main").
+    _cache = Path(__file__).resolve().parents[1] / ".jax-cache" / "tests"
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
     # Programs that took 0.5 s or more to compile: with 0, every eager op's tiny program was
     # written (with jax's file lock) and a full run took 30:42 instead of 19:56 (measured).

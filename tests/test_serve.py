@@ -138,6 +138,34 @@ def test_early_dispatch_sends_what_came_together_once_nothing_more_is_on_its_way
     assert lone[1].queued_s < 1 and elapsed < 5  # nothing waited out the 10 s
 
 
+def test_an_announced_request_cancelled_at_once_leaves_nothing_to_wait_for():
+    """A handler that announced its request (expect), submitted it and was cancelled before it
+    ever awaited the answer (a server shutting down) neither leaves its image in the queue nor
+    leaves a free worker waiting for it: the next lone request leaves at once, not after the
+    10 s max_wait."""
+    device = FakeDevice()
+
+    async def scenario():
+        batcher = DynamicBatcher(
+            device, workers=1, max_batch=8, max_wait_s=10.0, early_dispatch=True
+        )
+        batcher.start()
+        batcher.expect()
+        batcher.expect()  # a second request on its way, still being decoded
+        handler = asyncio.ensure_future(batcher.submit("a", "gone", expected=True))
+        handler.cancel()
+        batcher.unexpect()  # the second one's image could not be decoded
+        started = time.monotonic()
+        lone = await batcher.submit("b", "lone")
+        waited = time.monotonic() - started
+        await batcher.close()
+        return lone, waited, batcher.depth
+
+    lone, waited, depth = asyncio.run(scenario())
+    assert lone[0] == "b:lone" and waited < 2 and depth == 0
+    assert [items for _, items in device.calls] == [["lone"]]
+
+
 def test_a_full_queue_refuses_and_a_cancelled_request_leaves_no_work():
     device = FakeDevice()
 

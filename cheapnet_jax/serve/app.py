@@ -386,8 +386,8 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             int(settings["min_area"]["value"]),
             inspector.tiled(image.shape),
         )
-        submission = batcher.submit(key, (image, overlay), expected=True)
         try:
+            submission = batcher.submit(key, (image, overlay), expected=True)
             served = await _unless_disconnected(request, submission)
         except QueueFullError as err:
             raise ApiError(

@@ -105,12 +105,13 @@ class DynamicBatcher:
         self._expected -= 1
         self._arrived.set()
 
-    async def submit(
+    def submit(
         self, key: Hashable, item: Any, expected: bool = False
-    ) -> tuple[Any, BatchInfo]:
-        """``item``'s result and its batch; QueueFullError when ``max_queue`` items wait.
-        ``expected``: announced with `expect`. Cancelling the caller drops the item if its
-        batch has not left yet."""
+    ) -> asyncio.Future[tuple[Any, BatchInfo]]:
+        """Queue ``item`` now and return the future of its result and batch; QueueFullError
+        when ``max_queue`` items wait. ``expected``: announced with `expect` (the count drops
+        here, synchronously, so a caller cancelled later cannot leave it behind). Cancelling the
+        future (or a task awaiting it) drops the item if its batch has not left yet."""
         try:
             if self._closing:
                 raise RuntimeError("the batcher is closing")
@@ -121,14 +122,14 @@ class DynamicBatcher:
         finally:
             if expected:  # in the queue (or refused) before the dispatcher looks again
                 self._expected -= 1
+        waiting.future.add_done_callback(self._on_cancelled)
         self._on_queue(self.depth)
         self._arrived.set()
-        try:
-            return await waiting.future
-        finally:
-            if not waiting.future.done():  # the caller was cancelled: leave no work behind
-                waiting.future.cancel()
-                self._on_queue(self.depth)
+        return waiting.future
+
+    def _on_cancelled(self, future: asyncio.Future) -> None:
+        if future.cancelled():  # the caller gave up: its item leaves the queue
+            self._on_queue(self.depth)
 
     async def close(self) -> None:
         """Serve everything submitted so far, then stop the dispatcher and the threads."""
