@@ -42,11 +42,14 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # Two pytest workers (pytest-xdist): the suite is mostly single-threaded compilation, so two
-# cores run it in about two thirds of the time.
+# cores run it in about two thirds of the time. --dist worksteal: a worker that runs out of
+# tests takes some of the other's instead of idling while the other works through a queue of
+# long ones (a cold run 16:33 -> 15:13 on the same VM, together with one test's change).
+PYTEST_WORKERS := -n 2 --dist worksteal
 test: lint
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 # The unit tests alone: no CLI, server or multi-process run, no training run, none of the slow
 # reproductions.
 test-fast: install
-	$(BIN)/python -m pytest -n 2 -m "not process and not training and not slow"
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) -m "not process and not training and not slow"

@@ -5,6 +5,7 @@ members' folders read by the other tools."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import REPO_ROOT, cli_env, kill_at_first_checkpoint, run_tool, sma
 
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.errors import SettingsError
+from cheapnet_jax.losses import LOSSES
 from cheapnet_jax.model import CheapNet
 from cheapnet_jax.population import (
     make_population_step,
@@ -29,10 +31,10 @@ from cheapnet_jax.population import (
 from cheapnet_jax.synthetic import write_dagm_folder
 from cheapnet_jax.training import (
     AXIS,
-    TrainConfig,
     initial_state,
     make_optimizer,
     parallel_train_step,
+    replicated_sharding,
     train_and_evaluate,
 )
 
@@ -89,40 +91,54 @@ def test_members_per_chunk_is_the_largest_divisor_within_the_budget():
     assert members_per_chunk(1, 10**9, 1) == 1
 
 
-def test_chunked_population_steps_equal_each_members_solo_step():
+def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
     """One vmap over all members, chunks of 2 members one after another, or one member at a
     time: each member's new state equals its solo training step (float64; 1e-9 as in
     `assert_equal_to_solo`: vmapped, the conv biases before a BatchNorm keep rounding noise).
-    One test for the three forms, so that the solo steps are computed once."""
+    One test for the three forms, so that the solo steps are computed once. The members, the
+    shapes and the placement are those of test_members_equal_their_solo_runs_on_one_device's
+    run (small_config, seeds 0-1 x lr 0.01, 0.002), so that the vmap form and the solo steps
+    are the programs that test compiles: whichever runs second reads them from the cache."""
     with jax.enable_x64(True):
-        model = CheapNet(2, bn_axis_name=AXIS)
-        # Two learning rates: each one's solo step is one more compiled program (8 s).
-        lrs = [0.01, 0.003, 0.003, 0.01]
-        configs = [TrainConfig(seed=s, lr=lr, dtype="float64") for s, lr in enumerate(lrs)]
-        states = [initial_state(c, model, make_optimizer(c, 3)) for c in configs]
+        base = small_config(tmp_path, dtype="float64")
+        model = CheapNet(base.features, bn_axis_name=AXIS)
+        devices = jax.devices()[:1]
+        replicated = replicated_sharding(devices)
+        steps_per_epoch = base.synthetic_train // base.batch_size
+        members = [(0, 0.01), (0, 0.002), (1, 0.01), (1, 0.002)]
+        configs = [dataclasses.replace(base, seed=seed, lr=lr) for seed, lr in members]
+        states = [initial_state(c, model, make_optimizer(c, steps_per_epoch)) for c in configs]
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((1, 4, 2, 32, 32, 1))
-        masks = rng.random((1, 4, 2, 32, 32, 1)) < 0.1
+        shape = (1, len(members), base.batch_size, base.image_size, base.image_size, 1)
+        x = rng.standard_normal(shape)
+        masks = rng.random(shape) < 0.1
         solo_steps = {
-            lr: parallel_train_step(model, make_optimizer(config, 3), jax.devices()[:1])
-            for lr, config in zip(lrs, configs, strict=True)
+            config.lr: parallel_train_step(
+                model, make_optimizer(config, steps_per_epoch), devices, LOSSES[base.loss]
+            )
+            for config in configs
         }
         wanted = [
-            solo_steps[config.lr](states[i], x[:, i], masks[:, i])[0]
+            solo_steps[config.lr](jax.device_put(states[i], replicated), x[:, i], masks[:, i])[0]
             for i, config in enumerate(configs)
         ]
-        settings = (np.array(lrs), np.full(4, 3), np.zeros(4, np.int32), np.ones(4, bool))
-        for form, chunk_pixels in {"vmap": None, "2": 2 * 2 * 32 * 32, "1": 1}.items():
+        settings = (
+            np.array([config.lr for config in configs]),
+            np.full(len(members), steps_per_epoch, np.int32),
+            np.zeros(len(members), np.int32),
+            np.ones(len(members), bool),
+        )
+        stacked = jax.device_put(stack_members(states), replicated)
+        member_pixels = base.batch_size * base.image_size**2
+        for form, chunk_pixels in {"vmap": None, "2": 2 * member_pixels, "1": 1}.items():
             step = jax.pmap(
-                make_population_step(
-                    model, configs[0].gamma, configs[0].milestones, ["bce-logits"], chunk_pixels
-                ),
+                make_population_step(model, base.gamma, base.milestones, [base.loss], chunk_pixels),
                 axis_name=AXIS,
                 in_axes=(None, 0, 0, None, None, None, None),
                 out_axes=(None, None),
-                devices=jax.devices()[:1],
+                devices=devices,
             )
-            stepped, _ = step(stack_members(states), x, masks, *settings)
+            stepped, _ = step(stacked, x, masks, *settings)
             for i, want in enumerate(wanted):
                 got = jax.tree.map(lambda leaf, i=i: leaf[i], stepped)
                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
