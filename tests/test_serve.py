@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import io
 import json
 import os
@@ -429,8 +428,7 @@ class HeldInspector(Inspector):
 
 def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(random_pkl):
     inspector = make_inspector(random_pkl, cls=HeldInspector, max_batch=1)
-    options = ServiceOptions(warm=(), max_queue=2, max_wait_ms=0, batches_per_device=1)
-    app = create_app(inspector, options)
+    app = create_app(inspector, ServiceOptions(warm=(), max_queue=2, max_wait_ms=0))
     image = png_bytes(np.zeros((16, 16), np.uint8))
     HeldInspector.release.clear()
 
@@ -458,53 +456,6 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(random_pkl)
     assert "cheapnet_queue_depth 0.0" in metrics
 
 
-@pytest.mark.parametrize(("devices", "per_device"), [(1, None), (2, 2), (2, 1)])
-def test_each_device_runs_its_share_of_batches_at_once(random_pkl, devices, per_device):
-    """Batches of one image each, held 0.3 s on the device: with ``per_device`` batches per
-    device (None: the CPU's default of 2) as many run at once on each device, never more, and
-    every request gets its own image's answer."""
-    inspector = make_inspector(random_pkl, devices=devices, max_batch=1)
-    running, peak, lock = collections.Counter(), collections.Counter(), threading.Lock()
-    inspect_batch = inspector.inspect_batch
-
-    def held(device, images, *args, **kwargs):
-        with lock:
-            running[device] += 1
-            peak[device] = max(peak[device], running[device])
-        time.sleep(0.3)
-        try:
-            return inspect_batch(device, images, *args, **kwargs)
-        finally:
-            with lock:
-                running[device] -= 1
-
-    inspector.inspect_batch = held
-    options = ServiceOptions(warm=(), max_wait_ms=0, batches_per_device=per_device)
-    app = create_app(inspector, options)
-    pixels = [np.full((32, 32), 40 * i, np.uint8) for i in range(6)]
-    pixels[5][8:12, 8:12] = 255
-
-    async def scenario(client):
-        posts = [
-            client.post("/v1/inspect", content=png_bytes(p), headers={"content-type": "image/png"})
-            for p in pixels
-        ]
-        return [r.json() for r in await asyncio.gather(*posts)]
-
-    answers = serve(app, scenario)
-    expected_per_device = per_device or 2
-    assert dict(peak) == {device: expected_per_device for device in range(devices)}
-    for image, answer in zip(pixels, answers, strict=True):
-        alone = inspect_batch(0, [image], 0.5, 0)[0]
-        assert answer["batch_size"] == 1
-        assert [(d["box"], d["area"]) for d in answer["defects"]] == [
-            (d["box"], d["area"]) for d in alone.defects
-        ]
-        np.testing.assert_allclose(
-            [d["score"] for d in answer["defects"]], [d["score"] for d in alone.defects], atol=1e-6
-        )
-
-
 def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
     from cheapnet_jax.serve.inspector import weights_digest
     from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint
@@ -524,7 +475,6 @@ def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
     assert model["defaults"]["min_area"] == {"value": 7, "source": "service flag"}
     assert model["defaults"]["threshold"] == {"value": 0.5, "source": "default"}
     assert model["calibration"] is None
-    assert model["batches_per_device"] == 2  # the CPU's default
     assert model["weights_digest"] == weights_digest(
         load_torch_checkpoint(tmp_path / "copy.pkl")[1]
     )
@@ -637,7 +587,6 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path):
     cases = [
         (["--checkpoint", str(tmp_path / "none.pkl")], "none.pkl"),
         (["--checkpoint", "x.pkl", "--warm", "12x"], "--warm"),
-        (["--checkpoint", "x.pkl", "--batches-per-device", "0"], "--batches-per-device"),
         (["--checkpoint", "x.pkl", "--token-file", str(empty)], "--token-file"),
     ]
     for args, words in cases:

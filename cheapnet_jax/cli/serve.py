@@ -63,12 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
         "together still share a batch)",
     )
     add(
-        "--batches-per-device",
-        type=cli.count,
-        help="batches one device runs at once (default: 2 on CPUs, where a second batch fills "
-        "the cores the first leaves idle in its serial stretches; 1 on accelerators)",
-    )
-    add(
         "--max-queue",
         type=cli.count,
         default=ServiceOptions.max_queue,
@@ -146,7 +140,6 @@ def _main(argv: list[str]) -> int:
         ServiceOptions(
             max_wait_ms=args.max_wait_ms,
             early_dispatch=args.early_dispatch,
-            batches_per_device=args.batches_per_device,
             max_queue=args.max_queue,
             max_body_bytes=args.max_body_bytes,
             max_image_pixels=args.max_image_pixels,

@@ -61,7 +61,6 @@ class ServiceOptions:
     warm: tuple[tuple[int, int], ...] = ((512, 512),)
     token: str | None = None  # bearer token; None: no authentication
     early_dispatch: bool = True  # see DynamicBatcher: no waiting when no request is on its way
-    batches_per_device: int | None = None  # None: `default_batches_per_device`
     retry_after_s: int = 1
 
 
@@ -202,16 +201,6 @@ def _decode(payload: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, str
         raise ApiError(400, str(err)) from err
 
 
-def default_batches_per_device(devices: list) -> int:
-    """Batches one device runs at once by default: 2 on CPUs, 1 on accelerators.
-
-    A CPU batch has serial stretches (the host labeler, copying the answers out) that leave a
-    core idle; a second batch in flight fills it (CheapNet-S, 512x512, batches of 8 on the 2-core
-    AMD EPYC VM: 235-254 images/s from one thread, 277-291 from two). An accelerator runs one
-    program at a time anyway."""
-    return 2 if devices[0].platform == "cpu" else 1
-
-
 def model_description(inspector: Inspector) -> dict:
     """``GET /v1/model``: what answers the requests."""
     loaded = inspector.loaded
@@ -244,19 +233,17 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     default_settings = _default_settings(inspector)  # what a request without settings gets
     state = {"ready": False, "warmed": [], "warm_error": None}
     batcher_box: dict[str, DynamicBatcher] = {}
-    batches_per_device = options.batches_per_device or default_batches_per_device(inspector.devices)
 
     def run_batch(worker: int, key, items) -> list[Inspection]:
-        device = worker % len(inspector.devices)  # workers i, i + n, ... share device i
         _, threshold, min_area, tiled = key
         keep = any(overlay for _, overlay in items)
         if tiled:  # one image at a time, in tiles
             return [
-                inspector.inspect_tiled(device, image, threshold, min_area, keep)
+                inspector.inspect_tiled(worker, image, threshold, min_area, keep)
                 for image, _ in items
             ]
         images = [image for image, _ in items]
-        return inspector.inspect_batch(device, images, threshold, min_area, keep)
+        return inspector.inspect_batch(worker, images, threshold, min_area, keep)
 
     async def warm_up() -> None:
         try:
@@ -272,7 +259,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = DynamicBatcher(
             run_batch,
-            workers=len(inspector.devices) * batches_per_device,
+            workers=len(inspector.devices),
             max_batch=inspector.options.max_batch,
             max_wait_s=options.max_wait_ms / 1000,
             max_queue=options.max_queue,
@@ -352,7 +339,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
 
     @app.get(f"/{API_VERSION}/model", summary="The model that answers", dependencies=auth)
     async def model() -> dict:
-        return {**model_description(inspector), "batches_per_device": batches_per_device}
+        return model_description(inspector)
 
     @app.post(
         f"/{API_VERSION}/inspect",
