@@ -456,6 +456,39 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(random_pkl)
     assert "cheapnet_queue_depth 0.0" in metrics
 
 
+class FailingKeyInspector(Inspector):
+    """Fails on 17x17 images between decoding and queueing (where the batching key is made)."""
+
+    def tiled(self, shape):
+        if shape == (17, 17):
+            raise RuntimeError("a fault after decoding")
+        return super().tiled(shape)
+
+
+def test_a_request_failing_before_it_is_queued_leaves_no_one_waiting_for_it(random_pkl):
+    """A request that fails after its announcement and before `submit` withdraws it: the next
+    lone request leaves at once (early dispatch) instead of waiting out the 10 s max_wait for a
+    request that will never come."""
+    inspector = make_inspector(random_pkl, cls=FailingKeyInspector, max_batch=4)
+    app = create_app(inspector, ServiceOptions(warm=((16, 16),), max_wait_ms=10_000))
+    png = {"content-type": "image/png"}
+
+    async def scenario(client):
+        with pytest.raises(RuntimeError, match="a fault after decoding"):
+            await client.post(
+                "/v1/inspect", content=png_bytes(np.zeros((17, 17), np.uint8)), headers=png
+            )
+        started = time.monotonic()
+        lone = await client.post(
+            "/v1/inspect", content=png_bytes(np.zeros((16, 16), np.uint8)), headers=png
+        )
+        return lone, time.monotonic() - started
+
+    lone, waited = serve(app, scenario)
+    assert lone.status_code == 200, lone.text
+    assert waited < 5 and lone.json()["timing_ms"]["queue"] < 5000
+
+
 def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
     from cheapnet_jax.serve.inspector import weights_digest
     from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint

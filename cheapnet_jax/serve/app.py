@@ -364,28 +364,28 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         arrived = time.monotonic()
         batcher = batcher_box["batcher"]
         batcher.expect()  # on its way: a free worker waits for it rather than leave without it
-        try:
+        try:  # everything up to `submit`, which takes the announcement over
             payload, name = await _read_image_bytes(request)
             image, warning = await asyncio.to_thread(
                 _decode, payload, name, options.max_image_pixels
             )
+            decoded = time.monotonic()
+            given = {"threshold": threshold, "min_area": min_area}
+            settings = {
+                name: {"value": value, "source": "request"}
+                if value is not None
+                else default_settings[name]
+                for name, value in given.items()
+            }
+            key = (
+                image.shape,
+                float(settings["threshold"]["value"]),
+                int(settings["min_area"]["value"]),
+                inspector.tiled(image.shape),
+            )
         except BaseException:
             batcher.unexpect()
             raise
-        decoded = time.monotonic()
-        given = {"threshold": threshold, "min_area": min_area}
-        settings = {
-            name: {"value": value, "source": "request"}
-            if value is not None
-            else default_settings[name]
-            for name, value in given.items()
-        }
-        key = (
-            image.shape,
-            float(settings["threshold"]["value"]),
-            int(settings["min_area"]["value"]),
-            inspector.tiled(image.shape),
-        )
         try:
             submission = batcher.submit(key, (image, overlay), expected=True)
             served = await _unless_disconnected(request, submission)
