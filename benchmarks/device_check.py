@@ -145,7 +145,7 @@ def training_row(features: int, batch: int, runs: int) -> dict:
     model = CheapNet(features, bn_axis_name=AXIS)
     optimizer = optax.adam(0.01)
     state = create_state(model, optimizer, jax.random.key(0))
-    step = parallel_train_step(model, optimizer, jax.devices()[:1])
+    step = parallel_train_step(model, lambda: optimizer, jax.devices()[:1])
     rng = np.random.default_rng(0)
     x = shard_batch(rng.standard_normal((batch, 512, 512, 1)).astype(np.float32), 1)
     y = shard_batch(rng.random((batch, 512, 512, 1)) < 0.05, 1)

@@ -50,7 +50,9 @@ def step_seconds(
         TrainConfig,
         initial_state,
         make_optimizer,
+        optimizer_arguments,
         parallel_train_step,
+        training_optimizer,
     )
 
     devices = jax.devices()[:1]
@@ -63,7 +65,9 @@ def step_seconds(
         shape = (1, *members_axis, batch, size, size, 1)  # [devices, (members,) b, H, W, 1]
         return rng.standard_normal(shape).astype(np.float32), rng.random(shape) < 0.05
 
-    solo = parallel_train_step(model, optimizer, devices)
+    solo = parallel_train_step(
+        model, training_optimizer(config), devices, optimizer_args=optimizer_arguments(config, 8)
+    )
     state = initial_state(config, model, optimizer)
     x, y = batch_of()
     solo_s = time_call(lambda: solo(state, x, y)[1]["loss"], runs=runs).median_s

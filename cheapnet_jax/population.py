@@ -40,7 +40,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
@@ -70,7 +69,7 @@ from cheapnet_jax.training import (
     make_train_step,
     parallel_eval_step,
     replicated_sharding,
-    stepped_learning_rate,
+    stepped_adam,
     training_batch,
     training_devices,
     validation_batch,
@@ -233,9 +232,7 @@ def make_population_step(
     losses = [LOSSES[name] for name in loss_names]
 
     def member_step(state, x, masks, lr, steps_per_epoch, loss_index, active):
-        optimizer = optax.adam(
-            lambda count: stepped_learning_rate(lr, gamma, milestones, count // steps_per_epoch)
-        )
+        optimizer = stepped_adam(lr, gamma, milestones, steps_per_epoch)
         if len(losses) == 1:
             loss = losses[0]
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -180,14 +181,33 @@ def learning_rate_at(config: TrainConfig, epoch):
     return stepped_learning_rate(config.lr, config.gamma, config.milestones, epoch)
 
 
-def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
-    """`learning_rate_at` of the epoch that optimizer step ``count`` (0-based) belongs to."""
-    return lambda count: learning_rate_at(config, count // steps_per_epoch)
+def stepped_adam(lr, gamma: float, milestones: tuple[int, ...], steps_per_epoch):
+    """Adam on `stepped_learning_rate` of the epoch that optimizer step ``count`` (0-based)
+    belongs to: the paper's optimizer. ``lr`` and ``steps_per_epoch`` may be traced arrays
+    (arguments of a compiled step, see `parallel_train_step`)."""
+    return optax.adam(
+        lambda count: stepped_learning_rate(lr, gamma, milestones, count // steps_per_epoch)
+    )
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam on `learning_rate_schedule`: the paper's optimizer."""
-    return optax.adam(learning_rate_schedule(config, steps_per_epoch))
+    """`stepped_adam` with ``config``'s settings."""
+    return stepped_adam(config.lr, config.gamma, config.milestones, steps_per_epoch)
+
+
+def optimizer_arguments(config: TrainConfig, steps_per_epoch: int) -> tuple[np.ndarray, ...]:
+    """The arguments of `stepped_adam` that `training_optimizer` leaves to run time: the
+    learning rate in the run's float type (as a Python float it would be) and the steps per
+    epoch."""
+    return np.asarray(config.lr, DTYPES[config.dtype]), np.asarray(steps_per_epoch, np.int32)
+
+
+def training_optimizer(config: TrainConfig) -> Callable[..., optax.GradientTransformation]:
+    """``(lr, steps_per_epoch) -> optimizer`` (`stepped_adam` with ``config``'s schedule
+    shape), for `parallel_train_step` with `optimizer_arguments`."""
+    return lambda lr, steps_per_epoch: stepped_adam(
+        lr, config.gamma, config.milestones, steps_per_epoch
+    )
 
 
 def initial_state(
@@ -254,19 +274,27 @@ def make_train_step(
 
 def parallel_train_step(
     model: CheapNet,
-    optimizer: optax.GradientTransformation,
+    optimizer: Callable[..., optax.GradientTransformation],
     devices: list[jax.Device],
     loss: Loss = bce_with_logits,
+    optimizer_args: tuple = (),
 ) -> Callable[[TrainState, np.ndarray, np.ndarray], tuple[TrainState, dict]]:
     """`make_train_step` data-parallel over ``devices``: the state goes in and comes out
-    unreplicated, x and masks carry a leading device axis (`data.shard_batch`)."""
-    return jax.pmap(
-        make_train_step(model, optimizer, loss),
-        axis_name=AXIS,
-        in_axes=(None, 0, 0),
-        out_axes=(None, None),
-        devices=devices,
+    unreplicated, x and masks carry a leading device axis (`data.shard_batch`).
+
+    The optimizer is ``optimizer(*optimizer_args)``, built inside the compiled step with
+    ``optimizer_args`` as the program's arguments rather than constants: runs that differ
+    only in them (the learning rate, the steps per epoch: `optimizer_arguments`) run one
+    compiled program, read from the compilation cache by every run after the first.
+    """
+
+    def step(args, state, x, masks):
+        return make_train_step(model, optimizer(*args), loss)(state, x, masks)
+
+    stepped = jax.pmap(
+        step, axis_name=AXIS, in_axes=(None, None, 0, 0), out_axes=(None, None), devices=devices
     )
+    return functools.partial(stepped, tuple(optimizer_args))
 
 
 def replicated_sharding(devices: list[jax.Device]) -> jax.sharding.NamedSharding:
@@ -490,7 +518,13 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
     else:
         state = jax.device_put(state, replicated)
 
-    train_step = parallel_train_step(model, optimizer, devices, LOSSES[config.loss])
+    train_step = parallel_train_step(
+        model,
+        training_optimizer(config),
+        devices,
+        LOSSES[config.loss],
+        optimizer_arguments(config, steps_per_epoch),
+    )
     eval_step = parallel_eval_step(
         make_eval_step(CheapNet(config.features, impl=config.impl)), devices
     )

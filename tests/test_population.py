@@ -33,9 +33,11 @@ from cheapnet_jax.training import (
     AXIS,
     initial_state,
     make_optimizer,
+    optimizer_arguments,
     parallel_train_step,
     replicated_sharding,
     train_and_evaluate,
+    training_optimizer,
 )
 
 
@@ -98,7 +100,8 @@ def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
     One test for the three forms, so that the solo steps are computed once. The members, the
     shapes and the placement are those of test_members_equal_their_solo_runs_on_one_device's
     run (small_config, seeds 0-1 x lr 0.01, 0.002), so that the vmap form and the solo steps
-    are the programs that test compiles: whichever runs second reads them from the cache."""
+    are the programs that test compiles: whichever runs second reads them from the cache (one
+    solo program for both learning rates: they are arguments of the compiled step)."""
     with jax.enable_x64(True):
         base = small_config(tmp_path, dtype="float64")
         model = CheapNet(base.features, bn_axis_name=AXIS)
@@ -112,16 +115,16 @@ def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
         shape = (1, len(members), base.batch_size, base.image_size, base.image_size, 1)
         x = rng.standard_normal(shape)
         masks = rng.random(shape) < 0.1
-        solo_steps = {
-            config.lr: parallel_train_step(
-                model, make_optimizer(config, steps_per_epoch), devices, LOSSES[base.loss]
+        wanted = []
+        for i, config in enumerate(configs):
+            solo_step = parallel_train_step(
+                model,
+                training_optimizer(config),
+                devices,
+                LOSSES[base.loss],
+                optimizer_arguments(config, steps_per_epoch),
             )
-            for config in configs
-        }
-        wanted = [
-            solo_steps[config.lr](jax.device_put(states[i], replicated), x[:, i], masks[:, i])[0]
-            for i, config in enumerate(configs)
-        ]
+            wanted.append(solo_step(jax.device_put(states[i], replicated), x[:, i], masks[:, i])[0])
         settings = (
             np.array([config.lr for config in configs]),
             np.full(len(members), steps_per_epoch, np.int32),

@@ -22,10 +22,15 @@ from cheapnet_jax.losses import bce_with_logits
 from cheapnet_jax.torch_import import state_dict_to_variables
 from cheapnet_jax.training import (
     AXIS,
+    TrainConfig,
     TrainState,
     create_state,
+    initial_state,
+    make_optimizer,
+    optimizer_arguments,
     parallel_train_step,
     train_and_evaluate,
+    training_optimizer,
 )
 
 
@@ -53,7 +58,7 @@ def test_one_and_eight_devices_take_the_same_step():
         x, masks = random_batch(8, 32)
         results = []
         for count in (1, 8):
-            step = parallel_train_step(model, optimizer, jax.devices()[:count])
+            step = parallel_train_step(model, lambda: optimizer, jax.devices()[:count])
             results.append(step(state, shard_batch(x, count), shard_batch(masks, count)))
         (one, one_out), (eight, eight_out) = results
         np.testing.assert_allclose(one_out["loss"], eight_out["loss"], rtol=0, atol=1e-9)
@@ -105,14 +110,20 @@ def test_one_step_matches_pytorch(source):
         variables = state_dict_to_variables(reference.state_dict(), dtype=np.float64)
         jax_grads = batch_gradients(features, variables, x, masks)
         model = CheapNet(features, bn_axis_name=AXIS)
-        optimizer = optax.adam(0.01)
+        # The training's own optimizer: its learning rate an argument of the compiled step.
+        config = TrainConfig(features=features, lr=0.01, dtype="float64")
         state = TrainState(
             step=jnp.array(0, jnp.int32),
             params=variables["params"],
             batch_stats=variables["batch_stats"],
-            opt_state=optimizer.init(variables["params"]),
+            opt_state=make_optimizer(config, 1).init(variables["params"]),
         )
-        step = parallel_train_step(model, optimizer, jax.devices()[:1])
+        step = parallel_train_step(
+            model,
+            training_optimizer(config),
+            jax.devices()[:1],
+            optimizer_args=optimizer_arguments(config, 1),
+        )
         new_state, out = step(state, x[None], masks[None])
 
         torch_optimizer = torch.optim.Adam(reference.parameters(), lr=0.01)
@@ -150,6 +161,73 @@ def test_one_step_matches_pytorch(source):
             assert np.all(np.abs(np.asarray(ours - before)[noise]) <= 0.01 + 1e-12)
             compared += int((~noise).sum())
         assert compared >= 0.9 * sum(np.size(leaf) for leaf in jax.tree.leaves(after["params"]))
+
+
+def test_the_schedule_as_step_arguments_is_pytorchs_adam_with_multisteplr():
+    """The learning rate and the steps per epoch as arguments of a compiled update, as the
+    training step takes them: 6 steps, 2 per epoch, across milestones at epochs 1 and 2, against
+    torch.optim.Adam with MultiStepLR stepped once per epoch (float64)."""
+    torch = pytest.importorskip("torch")
+    config = TrainConfig(lr=0.05, gamma=0.1, milestones=(1, 2), dtype="float64")
+    steps_per_epoch, steps = 2, 6
+    rng = np.random.default_rng(0)
+    start, target = rng.standard_normal(5), rng.standard_normal(5)
+    weights = np.arange(1.0, 6.0)
+
+    with jax.enable_x64(True):
+
+        @jax.jit
+        def update(args, params, opt_state):
+            optimizer = training_optimizer(config)(*args)
+            grads = jax.grad(lambda p: jnp.sum(weights * (p - target) ** 2))(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params = jnp.asarray(start)
+        opt_state = make_optimizer(config, steps_per_epoch).init(params)
+        args = optimizer_arguments(config, steps_per_epoch)
+        ours = []
+        for _ in range(steps):
+            params, opt_state = update(args, params, opt_state)
+            ours.append(np.asarray(params))
+
+    p = torch.tensor(start, requires_grad=True)
+    optimizer = torch.optim.Adam([p], lr=0.05)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1, 2], gamma=0.1)
+    theirs = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        (torch.from_numpy(weights) * (p - torch.from_numpy(target)) ** 2).sum().backward()
+        optimizer.step()
+        theirs.append(p.detach().numpy().copy())
+        if (step + 1) % steps_per_epoch == 0:
+            schedule.step()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    moves = np.abs(np.diff([start, *theirs], axis=0)).max(axis=1)
+    assert moves[4] < 0.01 * moves[0]  # the milestones took effect: lr 0.05 -> 0.0005
+
+
+def test_runs_differing_in_learning_rate_or_epoch_length_compile_one_program(tmp_path):
+    """The learning rate and the steps per epoch are arguments of the training step's program,
+    not constants in it: two runs that differ only in them lower to the same program (one
+    compilation, read back from the cache by the second); the schedule's milestones still
+    make another."""
+    model = CheapNet(2, bn_axis_name=AXIS)
+    x, masks = (a[None].astype(np.float32) for a in random_batch(4, 16))
+
+    def program(config, steps_per_epoch):
+        step = parallel_train_step(
+            model,
+            training_optimizer(config),
+            jax.devices()[:1],
+            optimizer_args=optimizer_arguments(config, steps_per_epoch),
+        )
+        state = initial_state(config, model, make_optimizer(config, steps_per_epoch))
+        return step.func.lower(*step.args, state, x, masks).as_text()
+
+    base = small_config(tmp_path)
+    assert program(base, 2) == program(small_config(tmp_path, lr=0.5), 3)
+    assert program(base, 2) != program(small_config(tmp_path, milestones=(1, 2)), 2)
 
 
 def test_training_writes_logs_checkpoints_and_plot(tmp_path):
