@@ -190,24 +190,25 @@ def stepped_adam(lr, gamma: float, milestones: tuple[int, ...], steps_per_epoch)
     )
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """`stepped_adam` with ``config``'s settings."""
-    return stepped_adam(config.lr, config.gamma, config.milestones, steps_per_epoch)
-
-
-def optimizer_arguments(config: TrainConfig, steps_per_epoch: int) -> tuple[np.ndarray, ...]:
-    """The arguments of `stepped_adam` that `training_optimizer` leaves to run time: the
-    learning rate in the run's float type (as a Python float it would be) and the steps per
-    epoch."""
-    return np.asarray(config.lr, DTYPES[config.dtype]), np.asarray(steps_per_epoch, np.int32)
-
-
 def training_optimizer(config: TrainConfig) -> Callable[..., optax.GradientTransformation]:
-    """``(lr, steps_per_epoch) -> optimizer`` (`stepped_adam` with ``config``'s schedule
-    shape), for `parallel_train_step` with `optimizer_arguments`."""
+    """``(lr, steps_per_epoch) -> optimizer`` (`stepped_adam` with ``config``'s gamma and
+    milestones), for `parallel_train_step` with `optimizer_arguments`."""
     return lambda lr, steps_per_epoch: stepped_adam(
         lr, config.gamma, config.milestones, steps_per_epoch
     )
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """`training_optimizer` with ``config``'s learning rate: the optimizer whose state a run
+    starts from and saves (the same structure whether its settings are constants or
+    arguments)."""
+    return training_optimizer(config)(config.lr, steps_per_epoch)
+
+
+def optimizer_arguments(config: TrainConfig, steps_per_epoch: int) -> tuple[np.ndarray, ...]:
+    """The arguments `training_optimizer` takes at run time: the learning rate in the run's
+    float type (the type a Python float takes inside the program) and the steps per epoch."""
+    return np.asarray(config.lr, DTYPES[config.dtype]), np.asarray(steps_per_epoch, np.int32)
 
 
 def initial_state(

@@ -203,8 +203,10 @@ def test_the_schedule_as_step_arguments_is_pytorchs_adam_with_multisteplr():
         if (step + 1) % steps_per_epoch == 0:
             schedule.step()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    # The reference itself crossed the milestones: Adam's largest move in each epoch is about
+    # that epoch's learning rate (0.05, 0.005, 0.0005).
     moves = np.abs(np.diff([start, *theirs], axis=0)).max(axis=1)
-    assert moves[4] < 0.01 * moves[0]  # the milestones took effect: lr 0.05 -> 0.0005
+    np.testing.assert_allclose(moves, np.repeat([0.05, 0.005, 0.0005], 2), rtol=0.01)
 
 
 def test_runs_differing_in_learning_rate_or_epoch_length_compile_one_program(tmp_path):
@@ -213,7 +215,8 @@ def test_runs_differing_in_learning_rate_or_epoch_length_compile_one_program(tmp
     compilation, read back from the cache by the second); the schedule's milestones still
     make another."""
     model = CheapNet(2, bn_axis_name=AXIS)
-    x, masks = (a[None].astype(np.float32) for a in random_batch(4, 16))
+    x, masks = random_batch(4, 16)
+    x, masks = x[None].astype(np.float32), masks[None]  # [devices, b, H, W, 1], as trained
 
     def program(config, steps_per_epoch):
         step = parallel_train_step(
