@@ -1,7 +1,8 @@
-"""Images -> probabilities -> mask -> defects ``[x1, y1, x2, y2, area]``, in one jitted program."""
+"""Images -> probabilities -> mask -> defects ``[x1, y1, x2, y2, area]``, compiled."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -127,6 +128,29 @@ def network_probabilities(
     return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Detector:
+    """``detector(variables, x, crop=None) -> Detections``, made by `make_detector`.
+
+    Two compiled programs, called one after the other: ``probabilities`` (the network, its
+    normalisation and the crop) and ``detections`` (threshold, labeling, measures). Apart,
+    the network's program carries no host callback, so JAX's persistent compilation cache
+    keeps it (on jax 0.10 a program with a host callback, the CPU labeler's, is never
+    written), and detectors of one model that differ in their threshold, minimum area or
+    labeling share the network's program: another setting compiles only the small labeling
+    program. ``jax.jit(detector, static_argnames="crop")`` is the same as one program, for
+    `jax.export` and ``.lower``.
+    """
+
+    probabilities: Callable[..., jax.Array]
+    detections: Callable[[jax.Array], Detections]
+
+    def __call__(
+        self, variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
+    ) -> Detections:
+        return self.detections(self.probabilities(variables, x, crop=crop))
+
+
 def make_detector(
     model: CheapNet,
     *,
@@ -138,8 +162,8 @@ def make_detector(
     dtype: str = "float32",
     normalization: tuple[float, float] | None = None,
     fold: bool = True,
-) -> Callable[[Mapping, jax.Array], Detections]:
-    """A jitted ``(variables, x, crop=None) -> Detections``.
+) -> Detector:
+    """A `Detector`: ``(variables, x, crop=None) -> Detections``, compiled.
 
     ``x`` is either float ``[B, H, W, 1]``, already normalised, or the raw uint8 pixels
     ``[B, H, W]``, normalised on the device with ``normalization=(mean, std)``. The network
@@ -151,25 +175,39 @@ def make_detector(
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
 
-    @functools.partial(jax.jit, static_argnames="crop")
-    def detector(
-        variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
-    ) -> Detections:
-        probabilities = network_probabilities(
-            model, variables, x, dtype=dtype, normalization=normalization, fold=fold
-        )
-        if crop is not None:
-            probabilities = probabilities[:, : crop[0], : crop[1]]
-        return detections_from_probabilities(
-            probabilities,
+    detections = jax.jit(
+        functools.partial(
+            detections_from_probabilities,
             threshold=threshold,
             max_components=max_components,
             min_area=min_area,
             connectivity=connectivity,
             method=method,
         )
+    )
+    if normalization is not None:
+        normalization = (float(normalization[0]), float(normalization[1]))  # hashable
+    return Detector(_network_program(model, dtype, normalization, fold), detections)
 
-    return detector
+
+@functools.lru_cache(maxsize=16)
+def _network_program(
+    model: CheapNet, dtype: str, normalization: tuple[float, float] | None, fold: bool
+) -> Callable[..., jax.Array]:
+    """The jitted ``(variables, x, crop=None) -> probabilities`` of `Detector`, one per model
+    and network settings: detectors that differ only in how they label share its compiled
+    programs."""
+
+    @functools.partial(jax.jit, static_argnames="crop")
+    def probabilities(
+        variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
+    ) -> jax.Array:
+        found = network_probabilities(
+            model, variables, x, dtype=dtype, normalization=normalization, fold=fold
+        )
+        return found if crop is None else found[:, : crop[0], : crop[1]]
+
+    return probabilities
 
 
 def detect(model: CheapNet, variables: Mapping, x: jax.Array, **options) -> Detections:

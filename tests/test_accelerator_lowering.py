@@ -34,7 +34,7 @@ def detector_and_arguments(batch: int = 4, size: int = 64, dtype: str = "float32
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_detector_lowered_for_cuda_has_no_host_callback_and_one_loop(dtype):
     detector, variables, images = detector_and_arguments(dtype=dtype)
-    exported = jax.export.export(detector, platforms=["cuda"])(variables, images)
+    exported = jax.export.export(jax.jit(detector), platforms=["cuda"])(variables, images)
     module = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert not HOST_CALLBACK.search(module)
@@ -48,7 +48,7 @@ def test_the_same_program_lowered_for_the_cpu_keeps_the_cpu_path():
     """The contrast that makes the test above mean something: on the CPU the labeler is scipy
     through a host callback and the layers are the fused forms (no convolution op)."""
     detector, variables, images = detector_and_arguments()
-    module = detector.lower(variables, images).as_text()
+    module = jax.jit(detector).lower(variables, images).as_text()
     assert HOST_CALLBACK.search(module)
     assert "stablehlo.convolution" not in module
 
@@ -73,3 +73,21 @@ def test_accelerator_choices_compute_what_the_cpu_defaults_compute():
             getattr(on_default_probabilities, name), getattr(default, name), err_msg=name
         )
     np.testing.assert_allclose(on_default_probabilities.scores, default.scores, rtol=1e-6)
+
+
+def test_the_network_program_has_no_host_callback_and_is_shared_across_settings():
+    """The detector's network runs in a program of its own, without the CPU labeler's host
+    callback (so JAX's persistent cache can keep it), shared by detectors that differ only in
+    their labeling settings; called as two programs, the detector answers what it answers as
+    one."""
+    detector, variables, images = detector_and_arguments()
+    other = make_detector(CheapNet(features=2), threshold=0.7, min_area=3, max_components=32)
+    assert other.probabilities is detector.probabilities
+    assert other.detections is not detector.detections
+    network = detector.probabilities.lower(variables, images).as_text()
+    assert not HOST_CALLBACK.search(network)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal(images.shape), jnp.float32)
+    as_two, as_one = detector(variables, x), jax.jit(detector)(variables, x)
+    assert int(as_two.valid.sum()) > 0
+    for name, value in as_one._asdict().items():
+        np.testing.assert_array_equal(getattr(as_two, name), value, err_msg=name)
