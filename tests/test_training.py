@@ -18,17 +18,17 @@ from cheapnet_jax import CheapNet, synthetic
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.data import shard_batch
 from cheapnet_jax.errors import TrainingDivergedError
-from cheapnet_jax.losses import bce_with_logits
+from cheapnet_jax.losses import LOSSES, bce_with_logits
 from cheapnet_jax.torch_import import state_dict_to_variables
 from cheapnet_jax.training import (
     AXIS,
     TrainConfig,
     TrainState,
-    create_state,
     initial_state,
     make_optimizer,
     optimizer_arguments,
     parallel_train_step,
+    replicated_sharding,
     train_and_evaluate,
     training_optimizer,
 )
@@ -48,25 +48,39 @@ def random_batch(batch: int, size: int, seed: int = 0):
     return x, masks
 
 
-def test_one_and_eight_devices_take_the_same_step():
+def test_one_and_eight_devices_take_the_same_step(tmp_path):
+    """The training's own step (its optimizer and loss, the state replicated as training
+    places it) in float64 on a global batch of 8 random 32x32 images, over 1 and over 8
+    devices. The shapes of test_multidevice's TINY_RUN in float64, so that both programs are
+    the ones its runs on 1 and 8 devices compile (read from the compilation cache by whichever
+    comes second)."""
     assert jax.device_count() >= 8, "conftest sets 8 host devices"
     with jax.enable_x64(True):
-        model = CheapNet(3, bn_axis_name=AXIS)
-        optimizer = optax.adam(0.01)
-        state = create_state(model, optimizer, jax.random.key(1))
-        state = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float64)), state)
+        config = small_config(tmp_path, dtype="float64", batch_size=8)
+        model = CheapNet(config.features, bn_axis_name=AXIS)
+        steps_per_epoch = 2
+        state = initial_state(config, model, make_optimizer(config, steps_per_epoch))
         x, masks = random_batch(8, 32)
         results = []
         for count in (1, 8):
-            step = parallel_train_step(model, lambda: optimizer, jax.devices()[:count])
-            results.append(step(state, shard_batch(x, count), shard_batch(masks, count)))
+            devices = jax.devices()[:count]
+            step = parallel_train_step(
+                model,
+                training_optimizer(config),
+                devices,
+                LOSSES[config.loss],
+                optimizer_arguments(config, steps_per_epoch),
+            )
+            replicated = jax.device_put(state, replicated_sharding(devices))
+            results.append(step(replicated, shard_batch(x, count), shard_batch(masks, count)))
         (one, one_out), (eight, eight_out) = results
         np.testing.assert_allclose(one_out["loss"], eight_out["loss"], rtol=0, atol=1e-9)
         assert_trees_close(one.params, eight.params)
         assert_trees_close(one.batch_stats, eight.batch_stats)
+        assert not np.allclose(jax.tree.leaves(one.params)[0], jax.tree.leaves(state.params)[0])
         # Cross-replica BatchNorm: the 8-device statistics are those of the whole batch, not of
         # one device's single image, so they differ from a per-device BatchNorm.
-        local = CheapNet(3)
+        local = CheapNet(config.features)
         apply = jax.jit(functools.partial(local.apply, train=True, mutable=["batch_stats"]))
         _, per_device = apply({"params": state.params, "batch_stats": state.batch_stats}, x[:1])
         first = jax.tree.leaves(per_device["batch_stats"])[0]
@@ -96,7 +110,9 @@ def test_one_step_matches_pytorch(source):
     """One train-mode step (BatchNorm statistics, BCE, Adam lr 0.01) in float64 from a
     random-weight model (always) and from the authors' G=2 checkpoint (where ../shared is).
     Both G=2: the second reads the first's compiled programs from the compilation cache
-    (other widths' gradients are checked against the lax reference in test_model)."""
+    (other widths' gradients are checked against the lax reference in test_model). A batch of
+    8 32x32 images and milestone 1: the float64 step of test_multidevice's TINY_RUN on one
+    device, compiled once for both."""
     torch = pytest.importorskip("torch")
     from torch_reference import load_reference, random_reference
 
@@ -105,13 +121,13 @@ def test_one_step_matches_pytorch(source):
     else:
         reference = load_reference(checkpoint_path(2), torch.float64).train()
     features = reference.encoder1[0].out_channels
-    x, masks = random_batch(2, 64, seed=3)
+    x, masks = random_batch(8, 32, seed=3)
     with jax.enable_x64(True):
         variables = state_dict_to_variables(reference.state_dict(), dtype=np.float64)
         jax_grads = batch_gradients(features, variables, x, masks)
         model = CheapNet(features, bn_axis_name=AXIS)
         # The training's own optimizer: its learning rate an argument of the compiled step.
-        config = TrainConfig(features=features, lr=0.01, dtype="float64")
+        config = TrainConfig(features=features, lr=0.01, milestones=(1,), dtype="float64")
         state = TrainState(
             step=jnp.array(0, jnp.int32),
             params=variables["params"],
