@@ -87,16 +87,19 @@ INFERENCE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 computes in float32, and probabilities, thresholds and scores are float32 either way."""
 
 
+def normalization_table(mean: float, std: float) -> np.ndarray:
+    """float32 ``[256]``: `cheapnet_jax.data.normalize` of every uint8 value, computed on the
+    host with that very function. Looked up on the device rather than computed there: XLA turns
+    a division by a constant into a multiplication by its reciprocal, which is off by an ulp
+    for some pixel values, and a trained network can amplify an ulp of input."""
+    return data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
+
+
 def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array:
     """uint8 ``[B, H, W]`` -> float32 ``[B, H, W, 1]`` inside the compiled program (a quarter
-    of the bytes cross from host to device), bit for bit `cheapnet_jax.data.normalize`.
-
-    A 256-entry table computed on the host with that very function, then looked up: XLA turns
-    a division by a constant into a multiplication by its reciprocal, which is off by an ulp
-    for some pixel values, and a trained network can amplify an ulp of input.
-    """
-    table = data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
-    return jnp.asarray(table)[pixels][..., None]
+    of the bytes cross from host to device), bit for bit `cheapnet_jax.data.normalize`
+    (`normalization_table` looked up)."""
+    return jnp.asarray(normalization_table(mean, std))[pixels][..., None]
 
 
 def network_probabilities(
@@ -105,18 +108,21 @@ def network_probabilities(
     x: jax.Array,
     *,
     dtype: str = "float32",
-    normalization: tuple[float, float] | None = None,
+    normalization: tuple[float, float] | jax.Array | None = None,
     fold: bool = True,
 ) -> jax.Array:
     """Probabilities float32 ``[B, H, W]`` of float ``[B, H, W, 1]`` normalised images or of
-    uint8 ``[B, H, W]`` pixels (normalised on the device with ``normalization``), the network
-    storing its activations in ``dtype`` (`INFERENCE_DTYPES`, see `CheapNet.activation_dtype`),
-    with its BatchNorm folded into the convolutions unless ``fold=False``. The detector's first
-    step."""
+    uint8 ``[B, H, W]`` pixels (normalised on the device with ``normalization``: ``(mean,
+    std)``, or their `normalization_table`, which may be an argument of the compiled program),
+    the network storing its activations in ``dtype`` (`INFERENCE_DTYPES`, see
+    `CheapNet.activation_dtype`), with its BatchNorm folded into the convolutions unless
+    ``fold=False``. The detector's first step."""
     if x.dtype == jnp.uint8:
         if normalization is None:
             raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
-        x = normalize_on_device(x, *normalization)
+        if isinstance(normalization, tuple):
+            normalization = normalization_table(*normalization)
+        x = jnp.asarray(normalization)[x][..., None]
     if fold and not model.folded:
         # One multiply-add fewer per activation: 1.16-1.50x the images/s at batch 8 on the CPU,
         # no measurable difference at batches 1-4 (BENCHMARKS.md); the same logits up to float32
@@ -137,18 +143,20 @@ class Detector:
     the network's program carries no host callback, so JAX's persistent compilation cache
     keeps it (on jax 0.10 a program with a host callback, the CPU labeler's, is never
     written), and detectors of one model that differ in their threshold, minimum area or
-    labeling share the network's program: another setting compiles only the small labeling
-    program. ``jax.jit(detector, static_argnames="crop")`` is the same as one program, for
-    `jax.export` and ``.lower``.
+    labeling share it; the normalisation is one of its arguments, so checkpoints of one
+    architecture share it too. Another setting compiles only the small labeling program.
+    ``jax.jit(detector, static_argnames="crop")`` is the same as one program, for `jax.export`
+    and ``.lower``.
     """
 
     probabilities: Callable[..., jax.Array]
     detections: Callable[[jax.Array], Detections]
+    table: np.ndarray | None  # `normalization_table`: an argument of the network's program
 
     def __call__(
         self, variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
     ) -> Detections:
-        return self.detections(self.probabilities(variables, x, crop=crop))
+        return self.detections(self.probabilities(variables, x, self.table, crop=crop))
 
 
 def make_detector(
@@ -185,25 +193,25 @@ def make_detector(
             method=method,
         )
     )
-    if normalization is not None:
-        normalization = (float(normalization[0]), float(normalization[1]))  # hashable
-    return Detector(_network_program(model, dtype, normalization, fold), detections)
+    table = None if normalization is None else normalization_table(*normalization)
+    return Detector(_network_program(model, dtype, fold), detections, table)
 
 
 @functools.lru_cache(maxsize=16)
-def _network_program(
-    model: CheapNet, dtype: str, normalization: tuple[float, float] | None, fold: bool
-) -> Callable[..., jax.Array]:
-    """The jitted ``(variables, x, crop=None) -> probabilities`` of `Detector`, one per model
-    and network settings: detectors that differ only in how they label share its compiled
-    programs."""
+def _network_program(model: CheapNet, dtype: str, fold: bool) -> Callable[..., jax.Array]:
+    """The jitted ``(variables, x, table=None, crop=None) -> probabilities`` of `Detector`, one
+    per model and network settings: detectors that differ only in how they label, or in the
+    normalisation of their checkpoint, share its compiled programs."""
 
     @functools.partial(jax.jit, static_argnames="crop")
     def probabilities(
-        variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
+        variables: Mapping,
+        x: jax.Array,
+        table: jax.Array | None = None,
+        crop: tuple[int, int] | None = None,
     ) -> jax.Array:
         found = network_probabilities(
-            model, variables, x, dtype=dtype, normalization=normalization, fold=fold
+            model, variables, x, dtype=dtype, normalization=table, fold=fold
         )
         return found if crop is None else found[:, : crop[0], : crop[1]]
 

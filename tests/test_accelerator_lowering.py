@@ -77,17 +77,27 @@ def test_accelerator_choices_compute_what_the_cpu_defaults_compute():
 
 def test_the_network_program_has_no_host_callback_and_is_shared_across_settings():
     """The detector's network runs in a program of its own, without the CPU labeler's host
-    callback (so JAX's persistent cache can keep it), shared by detectors that differ only in
-    their labeling settings; called as two programs, the detector answers what it answers as
-    one."""
-    detector, variables, images = detector_and_arguments()
-    other = make_detector(CheapNet(features=2), threshold=0.7, min_area=3, max_components=32)
-    assert other.probabilities is detector.probabilities
-    assert other.detections is not detector.detections
-    network = detector.probabilities.lower(variables, images).as_text()
-    assert not HOST_CALLBACK.search(network)
-    x = jnp.asarray(np.random.default_rng(2).standard_normal(images.shape), jnp.float32)
-    as_two, as_one = detector(variables, x), jax.jit(detector)(variables, x)
-    assert int(as_two.valid.sum()) > 0
-    for name, value in as_one._asdict().items():
-        np.testing.assert_array_equal(getattr(as_two, name), value, err_msg=name)
+    callback (so JAX's persistent cache can keep it), compiled once for detectors that differ
+    in their labeling settings and in their checkpoint's normalisation (an argument of the
+    program, not a constant); called as two programs, each detector answers what it answers
+    as one program."""
+    model = CheapNet(features=2)
+    variables = init_variables(model, jax.random.PRNGKey(0))
+    pixels = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 64, 64)), jnp.uint8)
+    detectors = [
+        make_detector(model, threshold=0.5, max_components=32, normalization=(0.4, 0.25)),
+        make_detector(model, threshold=0.7, min_area=3, normalization=(0.6, 0.1)),
+    ]
+    network = detectors[0].probabilities
+    assert detectors[1].probabilities is network
+    assert not HOST_CALLBACK.search(network.lower(variables, pixels, detectors[0].table).as_text())
+    compiled_before = network._cache_size()  # shared with other tests of CheapNet(2)
+    answers = []
+    for detector in detectors:
+        as_two, as_one = detector(variables, pixels), jax.jit(detector)(variables, pixels)
+        for name, value in as_one._asdict().items():
+            np.testing.assert_array_equal(getattr(as_two, name), value, err_msg=name)
+        answers.append(as_two)
+    assert network._cache_size() - compiled_before <= 1  # one program for both normalisations
+    assert int(answers[0].valid.sum()) > 0
+    assert not np.allclose(answers[0].probabilities, answers[1].probabilities)
