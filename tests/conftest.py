@@ -28,6 +28,7 @@ if os.environ.get("CHEAPNET_TEST_CACHE", "1") != "0":
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,13 @@ def cli_env(devices: int | None = None) -> dict[str, str]:
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a coordinator or a server started next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_tool(

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, cli_env, run_tool, shared_across_workers
+from conftest import run_tool, shared_across_workers
 
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.torch_import import load_torch_checkpoint
@@ -154,82 +152,6 @@ def test_a_run_begun_on_2_devices_resumed_on_1_or_8_is_the_uninterrupted_run(
         assert_same_variables(resumed, uninterrupted, atol=1e-9)
         moved = max(np.abs(a - b).max() for a, b in zip(resumed, after_first, strict=True))
         assert moved > 1e-4  # the second epoch did train
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Runs train.py's main in a process that records what `data.host_share` hands this process.
-RECORDING_DRIVER = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import jax
-from cheapnet_jax import data
-from cheapnet_jax.cli import train
-original = data.host_share
-def recording(indices, *args):
-    share = original(indices, *args)
-    with open(sys.argv[2], "a") as log:
-        log.write(json.dumps({"process": jax.process_index(), "batch": indices.tolist(),
-                              "share": share.tolist()}) + "\\n")
-    return share
-data.host_share = recording
-sys.exit(train.main(sys.argv[3:]))
-"""
-
-
-def test_two_processes_train_as_one_process_with_eight_devices(
-    float64_run_on_eight_devices, tmp_path
-):
-    workdir = tmp_path / "two-processes"
-    port = free_port()
-    processes = []
-    for process_id in (0, 1):
-        command = [
-            sys.executable, "-c", RECORDING_DRIVER, str(REPO_ROOT),
-            str(tmp_path / f"shares-{process_id}.jsonl"),
-            *TINY_RUN, "--devices", "4", "--epochs", "2", "--dtype", "float64",
-            "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
-            "--num-processes", "2", "--process-id", str(process_id),
-        ]  # fmt: skip
-        # Files, not pipes: a pipe nobody reads yet would block that process mid-run.
-        stdout = (tmp_path / f"stdout-{process_id}").open("w")
-        stderr = (tmp_path / f"stderr-{process_id}").open("w")
-        processes.append(
-            subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(), stdout=stdout, stderr=stderr)
-        )
-    for process_id, process in enumerate(processes):
-        status = process.wait(timeout=600)
-        assert status == 0, (tmp_path / f"stderr-{process_id}").read_text()[-3000:]
-    outputs = [(tmp_path / f"stdout-{i}").read_text() for i in (0, 1)]
-    assert "epoch 2/2" in outputs[0] and "epoch 2/2" not in outputs[1]
-
-    # Each process read only its half of every global batch of 8 (training and validation).
-    for process_id in (0, 1):
-        rows = [
-            json.loads(line)
-            for line in (tmp_path / f"shares-{process_id}.jsonl").read_text().splitlines()
-        ]
-        assert len(rows) == 2 * (2 + 1)  # 2 epochs x (2 training steps + 1 validation batch)
-        for row in rows:
-            assert row["process"] == process_id and len(row["batch"]) == 8
-            assert row["share"] == row["batch"][4 * process_id : 4 * process_id + 4]
-
-    # One run's files: one checkpoint per epoch, one log line per epoch, no leftovers.
-    steps = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
-    assert steps == ["2", "4"]
-    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
-
-    assert_same_variables(
-        variables_of(workdir), variables_of(float64_run_on_eight_devices), atol=1e-9
-    )
-
-    evaluated = run_tool("evaluate.py", "--checkpoint", str(workdir), "--no-progress")
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert "mIoU" in evaluated.stdout
 
 
 def test_a_resume_with_other_settings_is_refused_unless_allowed(eight_device_run, tmp_path):

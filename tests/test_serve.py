@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SAMPLES, checkpoint_path, cli_env
+from conftest import REPO_ROOT, SAMPLES, checkpoint_path, cli_env, free_port
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the service needs the 'serve' extra")
@@ -516,12 +515,6 @@ def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # The command line, as a line runs it: a new process, its own environment, 127.0.0.1.
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

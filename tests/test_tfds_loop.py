@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, cli_env, run_tool, small_config
-from test_multidevice import assert_same_variables, free_port, variables_of
+from conftest import REPO_ROOT, cli_env, free_port, run_tool, small_config
+from test_multidevice import assert_same_variables, variables_of
 
 from cheapnet_jax import data, tfds_data
 from cheapnet_jax.checkpoints import load_checkpoint
@@ -26,12 +26,13 @@ from datasets.dagm2007.build import build as build_dataset
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """DAGM-layout Class6 (Train and Test, 6 defective + 3 good each) built as a TFDS dataset."""
+    """DAGM-layout Class6 built as a TFDS dataset: Train 14 defective + 6 good (the dagm
+    protocol's 16 training and 4 validation images: two global batches of 8), Test 6 + 3."""
     root = tmp_path_factory.mktemp("tfds")
-    for seed, part in enumerate(("Train", "Test")):
+    for seed, (part, count, good) in enumerate((("Train", 14, 6), ("Test", 6, 3))):
         write_dagm_folder(
-            root / "manual" / "Class6" / part, count=6, size=32, seed=seed, class_id=6,
-            defect_free=3,
+            root / "manual" / "Class6" / part, count=count, size=32, seed=seed, class_id=6,
+            defect_free=good,
         )  # fmt: skip
     build_dataset(str(root / "manual"), "class6", str(root / "data"))
     return root
@@ -91,17 +92,17 @@ def test_evaluate_a_tfds_split_as_its_folder(prepared, monkeypatch):
 
 
 def test_train_on_a_tfds_dataset(prepared, monkeypatch, tmp_path):
-    """The dagm protocol on the dataset's dagm_train split (9 examples: 7 train, 2 validation),
-    one epoch (one batch of small_config's 4: the training program of the other float32
-    small_config runs, compiled once for the session); the normalisation is that of the 7
-    training images."""
+    """The dagm protocol on the dataset's dagm_train split (20 examples: 16 train, 4
+    validation), one epoch in small_config's batches of 4 (the training program of the other
+    float32 small_config runs, compiled once for the session); the normalisation is that of
+    the 16 training images."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(prepared / "data"))
     config = small_config(tmp_path / "run", data="tfds:dagm2007/class6", protocol="dagm", epochs=1)
     figures = train_and_evaluate(config)
     assert 0 <= figures["validation"]["miou"] <= 1
     train, validation = tfds_data.training_splits(config.data, "dagm", config.seed)
-    assert (len(train), len(validation)) == (7, 2)
-    pixels = train.images[np.arange(7)].astype(np.float64) / 255
+    assert (len(train), len(validation)) == (16, 4)
+    pixels = train.images[np.arange(16)].astype(np.float64) / 255
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["data"] == "tfds:dagm2007/class6" and meta["protocol"] == "dagm"
     stored = load_checkpoint(tmp_path / "run").normalization
@@ -168,42 +169,81 @@ def test_two_processes_share_the_statistics_work(prepared, monkeypatch, tmp_path
         assert result["std"] == pytest.approx(pixels.std(), rel=1e-9)
 
 
-def test_two_processes_train_on_a_tfds_dataset_as_one_process_with_two_devices(
+# Runs train.py's main in a process that records what `data.host_share` hands this process.
+RECORDING_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from cheapnet_jax import data
+from cheapnet_jax.cli import train
+original = data.host_share
+def recording(indices, *args):
+    share = original(indices, *args)
+    with open(sys.argv[2], "a") as log:
+        log.write(json.dumps({"process": jax.process_index(), "batch": indices.tolist(),
+                              "share": share.tolist()}) + "\\n")
+    return share
+data.host_share = recording
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def test_two_processes_train_on_a_tfds_dataset_as_one_process_with_eight_devices(
     prepared, monkeypatch, tmp_path
 ):
-    """train.py on the dataset (dagm protocol: 7 training and 2 validation examples, 2 epochs,
-    float64) as two jax.distributed processes with one device each, every process reading its
-    half of each batch from the records: the same weights as one process with two devices."""
+    """train.py on the dataset (dagm protocol: 16 training and 4 validation examples, global
+    batches of 8, 2 epochs, float64) as two jax.distributed processes with four devices each
+    (gloo on 127.0.0.1), each process reading only its half of every global batch from the
+    records: one run's files, the same weights as one process with eight devices (to 1e-9),
+    evaluated by evaluate.py. The shapes of test_multidevice's TINY_RUN in float64, so the
+    one-process run's program is the one its eight-device runs compile."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(prepared / "data"))
     run = (
         "--variant", "S", "--data", "tfds:dagm2007/class6", "--protocol", "dagm",
-        "--batch-size", "2", "--epochs", "2", "--milestones", "1", "--dtype", "float64",
+        "--batch-size", "8", "--epochs", "2", "--milestones", "1", "--dtype", "float64",
         "--no-progress",
     )  # fmt: skip
     single = tmp_path / "single"
-    result = run_tool("train.py", *run, "--devices", "2", "--workdir", str(single))
+    result = run_tool("train.py", *run, "--devices", "8", "--workdir", str(single))
     assert result.returncode == 0, result.stderr
 
     workdir, port = tmp_path / "two-processes", free_port()
     processes = []
     for process_id in (0, 1):
         command = [
-            sys.executable, str(REPO_ROOT / "train.py"), *run, "--devices", "1",
+            sys.executable, "-c", RECORDING_DRIVER, str(REPO_ROOT),
+            str(tmp_path / f"shares-{process_id}.jsonl"), *run, "--devices", "4",
             "--workdir", str(workdir), "--coordinator", f"127.0.0.1:{port}",
             "--num-processes", "2", "--process-id", str(process_id),
         ]  # fmt: skip
+        # Files, not pipes: a pipe nobody reads yet would block that process mid-run.
+        stdout = (tmp_path / f"stdout-{process_id}").open("w")
+        stderr = (tmp_path / f"stderr-{process_id}").open("w")
         processes.append(
-            subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env=cli_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=(tmp_path / f"train-err-{process_id}").open("w"),
-            )
+            subprocess.Popen(command, cwd=REPO_ROOT, env=cli_env(), stdout=stdout, stderr=stderr)
         )
     for process_id, process in enumerate(processes):
-        error = (tmp_path / f"train-err-{process_id}").read_text
-        assert process.wait(timeout=600) == 0, error()[-3000:]
+        status = process.wait(timeout=600)
+        assert status == 0, (tmp_path / f"stderr-{process_id}").read_text()[-3000:]
+    outputs = [(tmp_path / f"stdout-{i}").read_text() for i in (0, 1)]
+    assert "epoch 2/2" in outputs[0] and "epoch 2/2" not in outputs[1]
+
+    # Each process read only its half of every global batch of 8 (training and validation).
+    for process_id in (0, 1):
+        rows = [
+            json.loads(line)
+            for line in (tmp_path / f"shares-{process_id}.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == 2 * (2 + 1)  # 2 epochs x (2 training steps + 1 validation batch)
+        for row in rows:
+            assert row["process"] == process_id and len(row["batch"]) == 8
+            assert row["share"] == row["batch"][4 * process_id : 4 * process_id + 4]
+
+    # One run's files: one checkpoint per epoch, one log line per epoch, no leftovers.
+    steps = sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir())
+    assert steps == ["2", "4"]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+
     assert_same_variables(variables_of(workdir), variables_of(single), atol=1e-9)
     evaluated = run_tool("evaluate.py", "--checkpoint", str(workdir), "--no-progress")
     assert evaluated.returncode == 0 and "mIoU" in evaluated.stdout, evaluated.stderr
