@@ -93,17 +93,24 @@ def test_members_per_chunk_is_the_largest_divisor_within_the_budget():
     assert members_per_chunk(1, 10**9, 1) == 1
 
 
+def float64_config(workdir, **overrides):
+    """small_config in float64 with batches of 8 (16 training images: 2 steps per epoch): the
+    solo runs' training step is then the one-device float64 step of test_training (the 1-vs-8
+    devices and PyTorch tests), compiled once for all of them."""
+    return small_config(workdir, dtype="float64", batch_size=8, synthetic_train=16, **overrides)
+
+
 def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
     """One vmap over all members, chunks of 2 members one after another, or one member at a
     time: each member's new state equals its solo training step (float64; 1e-9 as in
     `assert_equal_to_solo`: vmapped, the conv biases before a BatchNorm keep rounding noise).
     One test for the three forms, so that the solo steps are computed once. The members, the
     shapes and the placement are those of test_members_equal_their_solo_runs_on_one_device's
-    run (small_config, seeds 0-1 x lr 0.01, 0.002), so that the vmap form and the solo steps
+    run (float64_config, seeds 0-1 x lr 0.01, 0.002), so that the vmap form and the solo steps
     are the programs that test compiles: whichever runs second reads them from the cache (one
     solo program for both learning rates: they are arguments of the compiled step)."""
     with jax.enable_x64(True):
-        base = small_config(tmp_path, dtype="float64")
+        base = float64_config(tmp_path)
         model = CheapNet(base.features, bn_axis_name=AXIS)
         devices = jax.devices()[:1]
         replicated = replicated_sharding(devices)
@@ -168,12 +175,12 @@ def test_members_equal_their_solo_runs_on_one_device(tmp_path):
     """Seeds (initialisation, data order, synthetic data) and learning rates, 2 epochs across
     a learning-rate milestone."""
     with jax.enable_x64(True):
-        base = small_config(tmp_path / "population", dtype="float64")
+        base = float64_config(tmp_path / "population")
         grid = population_grid([parse_axis("seed=0,1"), parse_axis("lr=0.01,0.002")])
         rows = train_population(base, grid)
         assert [row["status"] for row in rows] == ["finished"] * 4
         for member in population_members(base, grid):
-            solo = small_config(tmp_path / member.name, dtype="float64", **member.settings)
+            solo = float64_config(tmp_path / member.name, **member.settings)
             train_and_evaluate(solo)
             assert_equal_to_solo(tmp_path / "population" / "members" / member.name, solo.workdir)
 

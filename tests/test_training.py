@@ -250,7 +250,10 @@ def test_runs_differing_in_learning_rate_or_epoch_length_compile_one_program(tmp
 
 
 def test_training_writes_logs_checkpoints_and_plot(tmp_path):
-    figures = train_and_evaluate(small_config(tmp_path, devices=2))
+    """Two devices in float64: the training step of the two-device population test's solo run
+    of the default loss (test_population), compiled once for both."""
+    with jax.enable_x64(True):
+        figures = train_and_evaluate(small_config(tmp_path, devices=2, dtype="float64"))
     assert figures["epoch"] == 1 and figures["step"] == 4
     assert figures["lr"] == pytest.approx(0.001)  # x0.1 after the milestone at epoch 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
