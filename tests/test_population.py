@@ -95,8 +95,8 @@ def test_members_per_chunk_is_the_largest_divisor_within_the_budget():
 
 def float64_config(workdir, **overrides):
     """small_config in float64 with batches of 8 (16 training images: 2 steps per epoch): the
-    solo runs' training step is then the one-device float64 step of test_training (the 1-vs-8
-    devices and PyTorch tests), compiled once for all of them."""
+    solo runs' training step is then the one-device float64 step of test_training's PyTorch
+    test, compiled once for all of them."""
     return small_config(workdir, dtype="float64", batch_size=8, synthetic_train=16, **overrides)
 
 
@@ -195,7 +195,9 @@ def test_members_of_other_classes_and_losses_equal_their_solo_runs_on_two_device
     write_dagm_folder(root / "Class1" / "Train", count=10, size=32, seed=1, class_id=1)
     write_dagm_folder(root / "Class2" / "Train", count=15, size=32, seed=2, class_id=2)
     with jax.enable_x64(True):
-        base = small_config(tmp_path / "population", dtype="float64", devices=2, data=str(root))
+        # Two devices: the layers of accelerators, as test_multidevice's FLOAT64_RUN.
+        two_devices = dict(dtype="float64", devices=2, data=str(root), impl="lax")
+        base = small_config(tmp_path / "population", **two_devices)
         grid = population_grid(
             [parse_axis("classes=1,2"), parse_axis("loss=bce-logits,bce-sigmoid")]
         )
@@ -206,13 +208,7 @@ def test_members_of_other_classes_and_losses_equal_their_solo_runs_on_two_device
             "classes-2_loss-bce-sigmoid",
         ]
         for member in members[::3]:
-            solo = small_config(
-                tmp_path / member.name,
-                dtype="float64",
-                devices=2,
-                data=str(root),
-                **member.settings,
-            )
+            solo = small_config(tmp_path / member.name, **two_devices, **member.settings)
             train_and_evaluate(solo)
             assert_equal_to_solo(tmp_path / "population" / "members" / member.name, solo.workdir)
         steps = {

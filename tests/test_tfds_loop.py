@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, cli_env, free_port, run_tool, small_config
-from test_multidevice import assert_same_variables, variables_of
+from test_multidevice import FLOAT64_RUN, assert_same_variables, variables_of
 
 from cheapnet_jax import data, tfds_data
 from cheapnet_jax.checkpoints import load_checkpoint
@@ -195,13 +195,12 @@ def test_two_processes_train_on_a_tfds_dataset_as_one_process_with_eight_devices
     batches of 8, 2 epochs, float64) as two jax.distributed processes with four devices each
     (gloo on 127.0.0.1), each process reading only its half of every global batch from the
     records: one run's files, the same weights as one process with eight devices (to 1e-9),
-    evaluated by evaluate.py. The shapes of test_multidevice's TINY_RUN in float64, so the
-    one-process run's program is the one its eight-device runs compile."""
+    evaluated by evaluate.py. The shapes and layers of test_multidevice's float64 TINY_RUN, so
+    the one-process run's program is the one its eight-device runs compile."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(prepared / "data"))
     run = (
         "--variant", "S", "--data", "tfds:dagm2007/class6", "--protocol", "dagm",
-        "--batch-size", "8", "--epochs", "2", "--milestones", "1", "--dtype", "float64",
-        "--no-progress",
+        "--batch-size", "8", "--epochs", "2", "--milestones", "1", *FLOAT64_RUN, "--no-progress",
     )  # fmt: skip
     single = tmp_path / "single"
     result = run_tool("train.py", *run, "--devices", "8", "--workdir", str(single))

@@ -51,13 +51,12 @@ def random_batch(batch: int, size: int, seed: int = 0):
 def test_one_and_eight_devices_take_the_same_step(tmp_path):
     """The training's own step (its optimizer and loss, the state replicated as training
     places it) in float64 on a global batch of 8 random 32x32 images, over 1 and over 8
-    devices. The shapes of test_multidevice's TINY_RUN in float64, so that both programs are
-    the ones its runs on 1 and 8 devices compile (read from the compilation cache by whichever
-    comes second)."""
+    devices. The shapes and the layers (``lax``, as on accelerators) of test_multidevice's
+    float64 TINY_RUN, so that the 8-device program is the one its 8-device runs compile."""
     assert jax.device_count() >= 8, "conftest sets 8 host devices"
     with jax.enable_x64(True):
-        config = small_config(tmp_path, dtype="float64", batch_size=8)
-        model = CheapNet(config.features, bn_axis_name=AXIS)
+        config = small_config(tmp_path, dtype="float64", batch_size=8, impl="lax")
+        model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
         steps_per_epoch = 2
         state = initial_state(config, model, make_optimizer(config, steps_per_epoch))
         x, masks = random_batch(8, 32)
@@ -80,7 +79,7 @@ def test_one_and_eight_devices_take_the_same_step(tmp_path):
         assert not np.allclose(jax.tree.leaves(one.params)[0], jax.tree.leaves(state.params)[0])
         # Cross-replica BatchNorm: the 8-device statistics are those of the whole batch, not of
         # one device's single image, so they differ from a per-device BatchNorm.
-        local = CheapNet(config.features)
+        local = CheapNet(config.features, impl=config.impl)
         apply = jax.jit(functools.partial(local.apply, train=True, mutable=["batch_stats"]))
         _, per_device = apply({"params": state.params, "batch_stats": state.batch_stats}, x[:1])
         first = jax.tree.leaves(per_device["batch_stats"])[0]
@@ -111,8 +110,8 @@ def test_one_step_matches_pytorch(source):
     random-weight model (always) and from the authors' G=2 checkpoint (where ../shared is).
     Both G=2: the second reads the first's compiled programs from the compilation cache
     (other widths' gradients are checked against the lax reference in test_model). A batch of
-    8 32x32 images and milestone 1: the float64 step of test_multidevice's TINY_RUN on one
-    device, compiled once for both."""
+    8 32x32 images and milestone 1: the float64 one-device step of the population tests' solo
+    runs, compiled once for all of them."""
     torch = pytest.importorskip("torch")
     from torch_reference import load_reference, random_reference
 
@@ -250,10 +249,12 @@ def test_runs_differing_in_learning_rate_or_epoch_length_compile_one_program(tmp
 
 
 def test_training_writes_logs_checkpoints_and_plot(tmp_path):
-    """Two devices in float64: the training step of the two-device population test's solo run
-    of the default loss (test_population), compiled once for both."""
+    """Two devices in float64 with the layers of accelerators: the training step of the
+    two-device population test's solo run of the default loss (test_population), compiled once
+    for both."""
     with jax.enable_x64(True):
-        figures = train_and_evaluate(small_config(tmp_path, devices=2, dtype="float64"))
+        config = small_config(tmp_path, devices=2, dtype="float64", impl="lax")
+        figures = train_and_evaluate(config)
     assert figures["epoch"] == 1 and figures["step"] == 4
     assert figures["lr"] == pytest.approx(0.001)  # x0.1 after the milestone at epoch 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
