@@ -8,7 +8,7 @@ HOST_ALLOCATOR = keep_freed_memory()
 """What `keep_freed_memory` did when cheapnet_jax was imported (benchmarks report it)."""
 
 # ruff: noqa: E402
-from cheapnet_jax.detection import Detections, Detector, detect, make_detector
+from cheapnet_jax.detection import Detections, detect, make_detector
 from cheapnet_jax.errors import CheckpointError, DataError, UserError
 from cheapnet_jax.labeling import (
     ComponentStats,
@@ -27,7 +27,6 @@ __all__ = [
     "ComponentStats",
     "DataError",
     "Detections",
-    "Detector",
     "StripDetector",
     "UserError",
     "component_stats",

@@ -1,8 +1,7 @@
-"""Images -> probabilities -> mask -> defects ``[x1, y1, x2, y2, area]``, compiled."""
+"""Images -> probabilities -> mask -> defects ``[x1, y1, x2, y2, area]``, in one jitted program."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -87,19 +86,16 @@ INFERENCE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 computes in float32, and probabilities, thresholds and scores are float32 either way."""
 
 
-def normalization_table(mean: float, std: float) -> np.ndarray:
-    """float32 ``[256]``: `cheapnet_jax.data.normalize` of every uint8 value, computed on the
-    host with that very function. Looked up on the device rather than computed there: XLA turns
-    a division by a constant into a multiplication by its reciprocal, which is off by an ulp
-    for some pixel values, and a trained network can amplify an ulp of input."""
-    return data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
-
-
 def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array:
     """uint8 ``[B, H, W]`` -> float32 ``[B, H, W, 1]`` inside the compiled program (a quarter
-    of the bytes cross from host to device), bit for bit `cheapnet_jax.data.normalize`
-    (`normalization_table` looked up)."""
-    return jnp.asarray(normalization_table(mean, std))[pixels][..., None]
+    of the bytes cross from host to device), bit for bit `cheapnet_jax.data.normalize`.
+
+    A 256-entry table computed on the host with that very function, then looked up: XLA turns
+    a division by a constant into a multiplication by its reciprocal, which is off by an ulp
+    for some pixel values, and a trained network can amplify an ulp of input.
+    """
+    table = data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
+    return jnp.asarray(table)[pixels][..., None]
 
 
 def network_probabilities(
@@ -108,21 +104,18 @@ def network_probabilities(
     x: jax.Array,
     *,
     dtype: str = "float32",
-    normalization: tuple[float, float] | jax.Array | None = None,
+    normalization: tuple[float, float] | None = None,
     fold: bool = True,
 ) -> jax.Array:
     """Probabilities float32 ``[B, H, W]`` of float ``[B, H, W, 1]`` normalised images or of
-    uint8 ``[B, H, W]`` pixels (normalised on the device with ``normalization``: ``(mean,
-    std)``, or their `normalization_table`, which may be an argument of the compiled program),
-    the network storing its activations in ``dtype`` (`INFERENCE_DTYPES`, see
-    `CheapNet.activation_dtype`), with its BatchNorm folded into the convolutions unless
-    ``fold=False``. The detector's first step."""
+    uint8 ``[B, H, W]`` pixels (normalised on the device with ``normalization``), the network
+    storing its activations in ``dtype`` (`INFERENCE_DTYPES`, see `CheapNet.activation_dtype`),
+    with its BatchNorm folded into the convolutions unless ``fold=False``. The detector's first
+    step."""
     if x.dtype == jnp.uint8:
         if normalization is None:
             raise ValueError("uint8 images need make_detector(normalization=(mean, std))")
-        if isinstance(normalization, tuple):
-            normalization = normalization_table(*normalization)
-        x = jnp.asarray(normalization)[x][..., None]
+        x = normalize_on_device(x, *normalization)
     if fold and not model.folded:
         # One multiply-add fewer per activation: 1.16-1.50x the images/s at batch 8 on the CPU,
         # no measurable difference at batches 1-4 (BENCHMARKS.md); the same logits up to float32
@@ -132,31 +125,6 @@ def network_probabilities(
     model = model.clone(activation_dtype=INFERENCE_DTYPES[dtype])
     logits = inference_logits(model, variables, x.astype(jnp.float32))
     return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Detector:
-    """``detector(variables, x, crop=None) -> Detections``, made by `make_detector`.
-
-    Two compiled programs, called one after the other: ``probabilities`` (the network, its
-    normalisation and the crop) and ``detections`` (threshold, labeling, measures). Apart,
-    the network's program carries no host callback, so JAX's persistent compilation cache
-    keeps it (on jax 0.10 a program with a host callback, the CPU labeler's, is never
-    written), and detectors of one model that differ in their threshold, minimum area or
-    labeling share it; the normalisation is one of its arguments, so checkpoints of one
-    architecture share it too. Another setting compiles only the small labeling program.
-    ``jax.jit(detector, static_argnames="crop")`` is the same as one program, for `jax.export`
-    and ``.lower``.
-    """
-
-    probabilities: Callable[..., jax.Array]
-    detections: Callable[[jax.Array], Detections]
-    table: np.ndarray | None  # `normalization_table`: an argument of the network's program
-
-    def __call__(
-        self, variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
-    ) -> Detections:
-        return self.detections(self.probabilities(variables, x, self.table, crop=crop))
 
 
 def make_detector(
@@ -170,8 +138,8 @@ def make_detector(
     dtype: str = "float32",
     normalization: tuple[float, float] | None = None,
     fold: bool = True,
-) -> Detector:
-    """A `Detector`: ``(variables, x, crop=None) -> Detections``, compiled.
+) -> Callable[[Mapping, jax.Array], Detections]:
+    """A jitted ``(variables, x, crop=None) -> Detections``.
 
     ``x`` is either float ``[B, H, W, 1]``, already normalised, or the raw uint8 pixels
     ``[B, H, W]``, normalised on the device with ``normalization=(mean, std)``. The network
@@ -183,39 +151,25 @@ def make_detector(
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
 
-    detections = jax.jit(
-        functools.partial(
-            detections_from_probabilities,
+    @functools.partial(jax.jit, static_argnames="crop")
+    def detector(
+        variables: Mapping, x: jax.Array, crop: tuple[int, int] | None = None
+    ) -> Detections:
+        probabilities = network_probabilities(
+            model, variables, x, dtype=dtype, normalization=normalization, fold=fold
+        )
+        if crop is not None:
+            probabilities = probabilities[:, : crop[0], : crop[1]]
+        return detections_from_probabilities(
+            probabilities,
             threshold=threshold,
             max_components=max_components,
             min_area=min_area,
             connectivity=connectivity,
             method=method,
         )
-    )
-    table = None if normalization is None else normalization_table(*normalization)
-    return Detector(_network_program(model, dtype, fold), detections, table)
 
-
-@functools.lru_cache(maxsize=16)
-def _network_program(model: CheapNet, dtype: str, fold: bool) -> Callable[..., jax.Array]:
-    """The jitted ``(variables, x, table=None, crop=None) -> probabilities`` of `Detector`, one
-    per model and network settings: detectors that differ only in how they label, or in the
-    normalisation of their checkpoint, share its compiled programs."""
-
-    @functools.partial(jax.jit, static_argnames="crop")
-    def probabilities(
-        variables: Mapping,
-        x: jax.Array,
-        table: jax.Array | None = None,
-        crop: tuple[int, int] | None = None,
-    ) -> jax.Array:
-        found = network_probabilities(
-            model, variables, x, dtype=dtype, normalization=table, fold=fold
-        )
-        return found if crop is None else found[:, : crop[0], : crop[1]]
-
-    return probabilities
+    return detector
 
 
 def detect(model: CheapNet, variables: Mapping, x: jax.Array, **options) -> Detections:

@@ -34,7 +34,7 @@ def detector_and_arguments(batch: int = 4, size: int = 64, dtype: str = "float32
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_detector_lowered_for_cuda_has_no_host_callback_and_one_loop(dtype):
     detector, variables, images = detector_and_arguments(dtype=dtype)
-    exported = jax.export.export(jax.jit(detector), platforms=["cuda"])(variables, images)
+    exported = jax.export.export(detector, platforms=["cuda"])(variables, images)
     module = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert not HOST_CALLBACK.search(module)
@@ -48,7 +48,7 @@ def test_the_same_program_lowered_for_the_cpu_keeps_the_cpu_path():
     """The contrast that makes the test above mean something: on the CPU the labeler is scipy
     through a host callback and the layers are the fused forms (no convolution op)."""
     detector, variables, images = detector_and_arguments()
-    module = jax.jit(detector).lower(variables, images).as_text()
+    module = detector.lower(variables, images).as_text()
     assert HOST_CALLBACK.search(module)
     assert "stablehlo.convolution" not in module
 
@@ -73,31 +73,3 @@ def test_accelerator_choices_compute_what_the_cpu_defaults_compute():
             getattr(on_default_probabilities, name), getattr(default, name), err_msg=name
         )
     np.testing.assert_allclose(on_default_probabilities.scores, default.scores, rtol=1e-6)
-
-
-def test_the_network_program_has_no_host_callback_and_is_shared_across_settings():
-    """The detector's network runs in a program of its own, without the CPU labeler's host
-    callback (so JAX's persistent cache can keep it), compiled once for detectors that differ
-    in their labeling settings and in their checkpoint's normalisation (an argument of the
-    program, not a constant); called as two programs, each detector answers what it answers
-    as one program."""
-    model = CheapNet(features=2)
-    variables = init_variables(model, jax.random.PRNGKey(0))
-    pixels = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 64, 64)), jnp.uint8)
-    detectors = [
-        make_detector(model, threshold=0.5, max_components=32, normalization=(0.4, 0.25)),
-        make_detector(model, threshold=0.7, min_area=3, normalization=(0.6, 0.1)),
-    ]
-    network = detectors[0].probabilities
-    assert detectors[1].probabilities is network
-    assert not HOST_CALLBACK.search(network.lower(variables, pixels, detectors[0].table).as_text())
-    compiled_before = network._cache_size()  # shared with other tests of CheapNet(2)
-    answers = []
-    for detector in detectors:
-        as_two, as_one = detector(variables, pixels), jax.jit(detector)(variables, pixels)
-        for name, value in as_one._asdict().items():
-            np.testing.assert_array_equal(getattr(as_two, name), value, err_msg=name)
-        answers.append(as_two)
-    assert network._cache_size() - compiled_before <= 1  # one program for both normalisations
-    assert int(answers[0].valid.sum()) > 0
-    assert not np.allclose(answers[0].probabilities, answers[1].probabilities)
