@@ -50,7 +50,7 @@ def expected_defects(
     if model is None:
         model, variables = load_torch_checkpoint(checkpoint_path(2))
     x = normalize(pad_to_multiple(image)[None], mean, std)
-    probabilities = np.asarray(jax.nn.sigmoid(model.apply(variables, x)))[0, ..., 0]
+    probabilities = np.asarray(jax.nn.sigmoid(jax.jit(model.apply)(variables, x)))[0, ..., 0]
     mask = probabilities[: image.shape[0], : image.shape[1]] > 0.5
     labels, count = ndimage.label(mask, np.ones((3, 3)))
     areas = ndimage.sum_labels(np.ones_like(labels), labels, np.arange(1, count + 1))
