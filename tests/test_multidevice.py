@@ -1,6 +1,6 @@
-"""Many devices end to end, the way users run it: a run trained on N devices (or on several
-processes) is evaluated, served, exported and resumed by new processes with other device
-counts, started from other folders with the path typed differently.
+"""Many devices end to end, the way users run it: a run trained on N devices is evaluated,
+served, exported and resumed by new processes with other device counts, started from other
+folders with the path typed differently (a run of several processes: test_tfds_loop).
 
 Every command runs in a subprocess whose environment does not inherit this process's 8 host
 devices (`conftest.cli_env`); 64-bit runs (``--dtype float64``) make "the same run" testable to
@@ -72,9 +72,10 @@ def assert_same_variables(a, b, atol: float) -> None:
 
 @pytest.fixture(scope="session")
 def float64_run_on_eight_devices(tmp_path_factory):
-    """TINY_RUN for 2 epochs with FLOAT64_RUN on 8 devices: what every other way of training
-    the same run (resumed on other device counts, several processes) must give, to 1e-9.
-    Trained once for all workers."""
+    """TINY_RUN for 2 epochs with FLOAT64_RUN on 8 devices: what the same run resumed on other
+    device counts must give, to 1e-9 (several processes are compared with one in
+    test_tfds_loop, whose one-process run reads this run's program from the cache). Trained
+    once for all workers."""
 
     def build(folder):
         train(folder / "run", 8, *FLOAT64_RUN)
