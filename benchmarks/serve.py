@@ -11,8 +11,10 @@ detector's for its image (boxes and areas equal, scores within 1e-5): a lost or 
 counted. Reported: answers/s, p50/p95/p99 latency, errors, the server's resident memory after
 warm-up and at the end, the CPU time the server and the load generator spent per answer, and the
 in-process detector's images/s at the same batch size (`Inspector.inspect_batch`, batches of
---max-batch) for the ratio: on decoded images (``ratio``) and on the posted files decoded as the
-service decodes them (``ratio_decoding``, per format: the service must decode every request).
+--max-batch) for the ratio: on decoded images, back to back for up to 10 s right before and right
+after each load run (``ratio``, against the mean of the two, both shown), and on the posted files
+decoded as the service decodes them (``ratio_decoding``, per format: the service must decode every
+request).
 ``--formats`` names the encodings the clients post: the samples as they are (``png``), or re-encoded
 losslessly as uncompressed TIFF (``tiff``: a camera's raw frame, 0.15 ms of CPU to decode against
 2.6-2.9 ms for these PNGs), one row per format. ``p99_goal_ms`` is twice the in-process time of a
@@ -33,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -73,6 +76,8 @@ def checkpoint(features: int, folder: Path) -> Path:
 
 
 FORMATS = {"png": "PNG", "tiff": "TIFF", "bmp": "BMP"}
+SUSTAINED_S = 10.0
+"""The longest window of the in-process rate taken before and after each load run."""
 
 
 def images() -> list[bytes]:
@@ -123,12 +128,27 @@ def in_process_figures(path: Path, payloads: dict[str, list[bytes]], max_batch: 
             lambda fs=batch_files: inspector.inspect_batch(0, [decode(f) for f in fs], 0.5, 0)
         ).median_s
         decoding_img_s[image_format] = max_batch / with_decoding
+    full_batch = (pixels * max_batch)[:max_batch]
     return {
         "expected": expected,
-        "img_s": max_batch / batch_seconds[max_batch],
         "decoding_img_s": decoding_img_s,
         "batch_seconds": batch_seconds,
+        "sustained": lambda seconds: sustained_img_s(
+            lambda: inspector.inspect_batch(0, full_batch, 0.5, 0), max_batch, seconds
+        ),
     }
+
+
+def sustained_img_s(inspect: Callable[[], object], batch: int, seconds: float) -> float:
+    """Images/s of back-to-back ``inspect()`` calls (``batch`` images each) over ``seconds``:
+    the in-process rate over a window like the load's, taken right before and right after
+    each load run, so that this VM's drifting speed (10-20% within minutes) moves both sides
+    of the ratio alike."""
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        inspect()
+        calls += 1
+    return calls * batch / elapsed
 
 
 def cpu_seconds(pid: int) -> float:
@@ -295,6 +315,8 @@ def run(
         asyncio.run(load(url, payloads[first], first, expected, 4, 5, client_kind))
         for image_format, clients in itertools.product(image_formats, clients_list):
             full = compiled_batch_size(min(clients, max_batch), max_batch)
+            window = min(duration, SUSTAINED_S)
+            before_img_s = in_process["sustained"](window)
             start_mib = resident_mib(server.pid)
             server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
             figures = asyncio.run(
@@ -308,6 +330,7 @@ def run(
                     client_kind,
                 )
             )
+            end_mib = resident_mib(server.pid)
             answers = max(figures["answers"], 1)
             figures["server_cpu_ms_per_answer"] = (
                 1000 * (cpu_seconds(server.pid) - server_cpu) / answers
@@ -315,14 +338,17 @@ def run(
             figures["client_cpu_ms_per_answer"] = (
                 1000 * (time.process_time() - client_cpu) / answers
             )
+            after_img_s = in_process["sustained"](window)
+            in_process_img_s = (before_img_s + after_img_s) / 2
             rows.append(
                 {
                     "G": features,
                     "format": image_format,
                     "clients": clients,
                     **figures,
-                    "in_process_img_s": in_process["img_s"],
-                    "ratio": figures["answers_per_s"] / in_process["img_s"],
+                    "in_process_img_s": in_process_img_s,
+                    "in_process_before_after": f"{before_img_s:.1f}/{after_img_s:.1f}",
+                    "ratio": figures["answers_per_s"] / in_process_img_s,
                     "in_process_decoding_img_s": in_process["decoding_img_s"][image_format],
                     "ratio_decoding": figures["answers_per_s"]
                     / in_process["decoding_img_s"][image_format],
@@ -330,7 +356,7 @@ def run(
                     # min(clients, max_batch) images plus --max-wait-ms
                     "p99_goal_ms": 2000 * in_process["batch_seconds"][full] + max_wait_ms,
                     "rss_start_mib": start_mib,
-                    "rss_end_mib": resident_mib(server.pid),
+                    "rss_end_mib": end_mib,
                 }
             )
             print(format_table(rows[-1:], list(rows[-1])), flush=True)
