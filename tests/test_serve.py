@@ -553,6 +553,62 @@ class Server:
         return self.process.returncode, output
 
 
+# Two worker threads inspecting at once, in a process of 2 simulated CPU devices (this test
+# process has 8, where XLA:CPU's threads are enough that the deadlock did not show).
+CONCURRENT_INSPECTIONS = """
+import sys, threading
+import jax, numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_serve import make_inspector
+
+inspector = make_inspector(sys.argv[1], devices=2, max_batch=8)
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 256, (128, 128), dtype=np.uint8) for _ in range(8)]
+serial = [[i.defects for i in inspector.inspect_batch(d, images, 0.5, 0)] for d in (0, 1)]
+answers = {0: [], 1: []}
+
+def inspect(device):
+    for _ in range(400):
+        found = inspector.inspect_batch(device, images, 0.5, 0)
+        answers[device].append([i.defects for i in found])
+
+threads = [threading.Thread(target=inspect, args=(d,)) for d in (0, 1)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+assert len(jax.local_devices()) == 2
+assert serial[0] == serial[1] and any(serial[0]), serial
+assert all(a == serial[0] for d in (0, 1) for a in answers[d])
+print("answered", sum(map(len, answers.values())))
+"""
+
+
+def test_two_devices_inspecting_at_once_on_the_cpu_do_not_deadlock(random_pkl):
+    """The service runs one worker thread per device. On the CPU the detector's labeler is a
+    host callback, and two such programs executing at once on XLA:CPU can deadlock: before the
+    inspector ran them one at a time on the CPU, this test hung in 3 of 7 runs (the others
+    finished). Every answer is the one the device gave alone."""
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CONCURRENT_INSPECTIONS,
+                str(random_pkl),
+                str(REPO_ROOT / "tests"),
+            ],
+            capture_output=True,
+            text=True,
+            env=cli_env(devices=2),
+            timeout=180,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("two threads inspecting on two CPU devices did not finish in 180 s: deadlock")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["answered", "800"]
+
+
 def test_served_from_the_command_line_drains_on_sigterm(random_pkl, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("line-7-token\n")

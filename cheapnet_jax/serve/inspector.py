@@ -5,12 +5,14 @@ An `Inspector` answers a batch of same-sized uint8 images with `predict.py`'s ve
 image is predict.py's. Images above ``tile_above`` pixels go through the exact tiler
 (`detect_tiled`), one at a time. Detectors are compiled per ``(threshold, min_area)`` and kept
 (the defaults always, at most `DETECTOR_CACHE` others), and a copy of the weights lives on each
-local device, so that one worker thread per device can run batches side by side.
+local device, so that one worker thread per device can run batches side by side (on
+accelerators; CPU devices take turns, see `Inspector`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import threading
@@ -74,7 +76,8 @@ def variant_name(features: int) -> str | None:
 
 
 class Inspector:
-    """A checkpoint's detectors on every local device; thread-safe, one thread per device."""
+    """A checkpoint's detectors on every local device; thread-safe, one thread per device
+    (CPU devices run one program at a time)."""
 
     def __init__(
         self,
@@ -94,6 +97,13 @@ class Inspector:
         self.digest = weights_digest(loaded.variables)
         self._variables = [jax.device_put(loaded.variables, d) for d in self.devices]
         self._lock = threading.Lock()
+        # On the CPU the labeler runs in a host callback, and two programs with host callbacks
+        # executing at once on XLA:CPU can deadlock (jax 0.10, 2 CPU devices or 2 threads on
+        # one, such as a request served during the warm-up: both callbacks wait for the copy
+        # of their inputs jax makes before calling them). CPU devices share the same cores
+        # anyway; accelerators (union-find labeler, no callback) run side by side.
+        on_cpu = any(device.platform == "cpu" for device in self.devices)
+        self._executing = threading.Lock() if on_cpu else contextlib.nullcontext()
         self._detectors: collections.OrderedDict = collections.OrderedDict()
         self._tile_detectors: dict = {}
 
@@ -158,7 +168,8 @@ class Inspector:
         x = pad_batch(padded, compiled_batch_size(len(images), self.options.max_batch))
         x = jax.device_put(jnp.asarray(x), self.devices[device])
         detector = self.detector(threshold, min_area)
-        found = jax.device_get(detector(self._variables[device], x, crop=(height, width)))
+        with self._executing:
+            found = jax.device_get(detector(self._variables[device], x, crop=(height, width)))
         return [
             Inspection(
                 defects=defect_list(found, index),
@@ -178,7 +189,7 @@ class Inspector:
     ) -> Inspection:
         """Defects of one large image in exact tiles (`detect_tiled`), on local device
         ``device``."""
-        with jax.default_device(self.devices[device]):
+        with self._executing, jax.default_device(self.devices[device]):
             found = detect_tiled(
                 self.tile_detector(threshold),
                 self._variables[device],
