@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import os
@@ -498,9 +499,13 @@ def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
     app = create_app(make_inspector(random_pkl, min_area=7), ServiceOptions(warm=()))
 
     async def scenario(client):
-        return (await client.get("/v1/model")).json()
+        ready = (await client.get("/readyz")).json()
+        return (await client.get("/v1/model")).json(), ready
 
-    model = serve(app, scenario)
+    frozen_before = gc.get_freeze_count()
+    model, ready = serve(app, scenario)
+    # An app made inside another program leaves that program's garbage collector alone.
+    assert ready["frozen_objects"] is None and gc.get_freeze_count() == frozen_before
     assert (model["variant"], model["features"], model["parameters"]) == ("S", 2, 277)
     assert model["checkpoint_path"] == str(random_pkl)
     assert model["normalization"] == {"mean": 0.348, "std": 0.278}
@@ -622,6 +627,11 @@ def test_served_from_the_command_line_drains_on_sigterm(random_pkl, tmp_path):
     )  # fmt: skip
     try:
         server.wait_ready()
+        # The command freezes the heap after the warm-up (the imports alone are ~300,000
+        # objects): no full garbage collection walks them under load.
+        ready = httpx.get(f"{server.url}/readyz", headers=server.headers).json()
+        assert ready["compiled"] == ["32x48"]
+        assert isinstance(ready["frozen_objects"], int) and ready["frozen_objects"] > 100_000
         image = png_bytes(np.random.default_rng(2).integers(0, 256, (32, 48), dtype=np.uint8))
         png = {"content-type": "image/png"}
         post = f"{server.url}/v1/inspect"

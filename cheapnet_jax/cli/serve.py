@@ -145,6 +145,7 @@ def _main(argv: list[str]) -> int:
             max_image_pixels=args.max_image_pixels,
             warm=args.warm,
             token=token,
+            freeze_heap=True,
         ),
     )
     settings = ", ".join(f"{name} {s.value} ({s.origin})" for name, s in defaults.items())
