@@ -6,7 +6,7 @@ image is predict.py's. Images above ``tile_above`` pixels go through the exact t
 (`detect_tiled`), one at a time. Detectors are compiled per ``(threshold, min_area)`` and kept
 (the defaults always, at most `DETECTOR_CACHE` others), and a copy of the weights lives on each
 local device, so that one worker thread per device can run batches side by side (on
-accelerators; CPU devices take turns, see `Inspector`).
+accelerators; on the CPU, programs take turns: `CPU_PROGRAMS`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ from cheapnet_jax.evaluation import compiled_batch_size, pad_batch
 from cheapnet_jax.model import VARIANTS
 from cheapnet_jax.prediction import defect_list, tiled_defect_list
 from cheapnet_jax.tiling import DEFAULT_TILE, detect_tiled, make_tile_detector
+
+CPU_PROGRAMS = threading.Lock()
+"""Held by every inspector of the process while a detector program runs on the CPU. There the
+labeler runs in a host callback, and two programs with host callbacks executing at once on
+XLA:CPU can deadlock (jax 0.10; 2 CPU devices, or 2 threads on one, such as a request served
+during the warm-up: both callbacks wait for the copy of their inputs jax makes before calling
+them). The deadlock is the process's, not one inspector's, so the lock is too. CPU devices
+share the same cores anyway; accelerators (union-find labeler, no callback) run side by side."""
 
 DETECTOR_CACHE = 8
 """Compiled detectors kept for request settings other than the defaults (least recently used
@@ -77,7 +85,7 @@ def variant_name(features: int) -> str | None:
 
 class Inspector:
     """A checkpoint's detectors on every local device; thread-safe, one thread per device
-    (CPU devices run one program at a time)."""
+    (on the CPU, one program at a time in the whole process: `CPU_PROGRAMS`)."""
 
     def __init__(
         self,
@@ -97,13 +105,8 @@ class Inspector:
         self.digest = weights_digest(loaded.variables)
         self._variables = [jax.device_put(loaded.variables, d) for d in self.devices]
         self._lock = threading.Lock()
-        # On the CPU the labeler runs in a host callback, and two programs with host callbacks
-        # executing at once on XLA:CPU can deadlock (jax 0.10, 2 CPU devices or 2 threads on
-        # one, such as a request served during the warm-up: both callbacks wait for the copy
-        # of their inputs jax makes before calling them). CPU devices share the same cores
-        # anyway; accelerators (union-find labeler, no callback) run side by side.
         on_cpu = any(device.platform == "cpu" for device in self.devices)
-        self._executing = threading.Lock() if on_cpu else contextlib.nullcontext()
+        self._executing = CPU_PROGRAMS if on_cpu else contextlib.nullcontext()
         self._detectors: collections.OrderedDict = collections.OrderedDict()
         self._tile_detectors: dict = {}
 
