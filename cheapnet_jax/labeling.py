@@ -21,9 +21,9 @@ XLA:CPU runs scatters and gathers slowly, so ``method="auto"`` hands the masks t
 the host through `jax.pure_callback` where the program is lowered for the CPU, and runs the
 union-find where it is lowered for an accelerator (decided per lowering platform, so a program
 exported from a CPU host for a GPU carries no host callback). The host labeler is OpenCV's
-scan-based union-find (``CCL_SAUF``, labels and statistics in one pass) where OpenCV is
-installed (``pip install cheapnet-jax[opencv]``, or any OpenCV build), else `scipy.ndimage`.
-All give identical arrays (tested)."""
+scan-based union-find (``CCL_SAUF``; boxes and areas reduced over the set pixels when they are
+few, `SPARSE_BELOW`) where OpenCV is installed (``pip install cheapnet-jax[opencv]``, or any
+OpenCV build), else `scipy.ndimage`. All give identical arrays (tested)."""
 
 from __future__ import annotations
 
@@ -345,6 +345,13 @@ def _scipy_labels_host(masks: np.ndarray, connectivity: int) -> tuple[np.ndarray
     return labels, counts
 
 
+SPARSE_BELOW = 1 / 8
+"""The share of set pixels under which the OpenCV labeler measures boxes and areas over the set
+pixels (`_foreground_stats`) rather than with OpenCV's statistics, which visit every pixel
+(about 0.7 ms per 512x512 mask): 0.4-0.66 ms against 1.0-1.3 per labeled mask at 5-10%, about
+even at 20%, twice OpenCV's time at 50% (BENCHMARKS.md). Defect masks are mostly background."""
+
+
 def _opencv_host(
     masks: np.ndarray, connectivity: int, max_components: int = 0
 ) -> tuple[np.ndarray, ...]:
@@ -352,29 +359,66 @@ def _opencv_host(
 
     ``CCL_SAUF`` (Wu et al.'s scan-based union-find) numbers components by their first pixel
     in raster order, as `scipy.ndimage.label` does (OpenCV's default algorithm for 8-connectivity
-    does not).
+    does not). Boxes and areas: see `SPARSE_BELOW`.
     """
     import cv2
 
+    masks = np.asarray(masks, bool)
     batch, height, width = masks.shape
     labels = np.zeros(masks.shape, np.int32)
     counts = np.zeros(batch, np.int32)
     stats = np.zeros((batch, max_components, 5), np.int32)
-    overflow = np.zeros(batch, np.int32)
     if height * width == 0:  # OpenCV refuses empty images; they have no component
-        return labels, counts, stats, overflow
-    for i, mask in enumerate(np.asarray(masks, np.uint8)):
-        found, labels[i], cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF
-        )
+        return labels, counts, stats, counts.copy()
+    sparse = np.count_nonzero(masks) < SPARSE_BELOW * masks.size
+    for i, mask in enumerate(masks.view(np.uint8)):
+        if sparse:
+            found, _ = cv2.connectedComponentsWithAlgorithm(
+                mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
+            )
+        else:
+            found, _, cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+                mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
+            )
+            kept = cv_stats[1 : max_components + 1]  # row 0 is the background
+            left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
+            right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
+            bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
+            area = kept[:, cv2.CC_STAT_AREA]
+            stats[i, : len(kept)] = np.stack([left, top, right, bottom, area], -1)
         counts[i] = found - 1
-        kept = cv_stats[1 : max_components + 1]  # row 0 is the background
-        left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
-        right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
-        bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
-        stats[i, : len(kept)] = np.stack([left, top, right, bottom, kept[:, cv2.CC_STAT_AREA]], -1)
-        overflow[i] = max(counts[i] - max_components, 0)
-    return labels, counts, stats, overflow
+    if sparse:
+        stats = _foreground_stats(masks, labels, max_components)
+    return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
+
+
+def _foreground_stats(masks: np.ndarray, labels: np.ndarray, max_components: int) -> np.ndarray:
+    """``stats [B, K, 5]`` rows ``[x1, y1, x2, y2, area]`` of labels 1..K of ``labels [B, H,
+    W]``, from the set pixels of ``masks`` only (a few percent of a defect mask): one bincount
+    and four unbuffered min/max reductions over the whole batch; rows of absent labels are 0."""
+    batch, height, width = labels.shape
+    segments = batch * max_components
+    where = np.flatnonzero(masks)  # raster order, image after image
+    label = labels.reshape(-1)[where]
+    kept = label <= max_components  # labels beyond K are counted as overflow only
+    where, label = where[kept], label[kept]
+    image, pixel = np.divmod(where, height * width)
+    row, col = np.divmod(pixel, width)
+    segment = image * max_components + (label - 1)
+    area = np.bincount(segment, minlength=segments)
+    corners = []
+    for reduce, start, values in (
+        (np.minimum, width, col),
+        (np.minimum, height, row),
+        (np.maximum, -1, col),
+        (np.maximum, -1, row),
+    ):
+        corner = np.full(segments, start, np.int64)
+        reduce.at(corner, segment, values)
+        corners.append(corner)
+    stats = np.stack([*corners, area], axis=-1)
+    stats[area == 0] = 0
+    return stats.reshape(batch, max_components, 5).astype(np.int32)
 
 
 def label_components(

@@ -14,6 +14,7 @@ from hypothesis.extra.numpy import arrays
 from mask_shapes import shapes
 from scipy import ndimage
 
+from cheapnet_jax import labeling
 from cheapnet_jax.labeling import (
     _hooks,
     _initial_forest,
@@ -146,6 +147,32 @@ def test_opencv_on_large_masks_numbers_and_measures_as_scipy(density, connectivi
         ]
         assert np.asarray(stats[i][:kept]).tolist() == [list(row) for row in want_stats]
         assert np.asarray(valid[i]).sum() == kept
+
+
+@pytest.mark.parametrize("sparse_below", [0.0, 1.01], ids=["opencv_stats", "set_pixels"])
+def test_opencv_host_measures_as_scipy_both_ways(sparse_below, monkeypatch):
+    """The CPU default's host labeler, its boxes and areas taken either way (OpenCV's
+    statistics, or reduced over the set pixels: `SPARSE_BELOW`), on one batch of masks from
+    empty to dense, one with more components than K: scipy's labels, boxes, areas, overflow."""
+    monkeypatch.setattr(labeling, "SPARSE_BELOW", sparse_below)
+    rng = np.random.default_rng(7)
+    masks = np.stack(
+        [rng.random((97, 131)) < density for density in (0.0, 0.02, 0.1, 0.45, 0.8)]
+        + [np.pad(SHAPES["comb"], ((0, 57), (0, 70)))]
+    )
+    max_components = 40
+    labels, counts, stats, overflow = _opencv_host(masks, 8, max_components)
+    for i, mask in enumerate(masks):
+        want, count = ndimage.label(mask, STRUCTURES[8])
+        np.testing.assert_array_equal(labels[i], want)
+        assert counts[i] == count and overflow[i] == max(count - max_components, 0)
+        kept = min(count, max_components)
+        expected = np.zeros((max_components, 5), np.int64)
+        areas = np.bincount(want.ravel(), minlength=kept + 1)[1 : kept + 1]
+        for k, (rows, cols) in enumerate(ndimage.find_objects(want, max_label=kept)):
+            expected[k] = [cols.start, rows.start, cols.stop - 1, rows.stop - 1, areas[k]]
+        np.testing.assert_array_equal(stats[i], expected)
+    assert overflow.max() > 0  # some mask had more components than K
 
 
 @pytest.mark.parametrize("method", ["union_find", "scipy", "opencv"])
