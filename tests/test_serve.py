@@ -678,7 +678,7 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path):
     empty.write_text("\n")
     cases = [
         (["--checkpoint", str(tmp_path / "none.pkl")], "none.pkl"),
-        (["--checkpoint", "x.pkl", "--warm", "12x"], "--warm"),
+        (["--checkpoint", "x.pkl", "--warm", "512,12x"], "argument --warm: '12x': expected"),
         (["--checkpoint", "x.pkl", "--token-file", str(empty)], "--token-file"),
     ]
     for args, words in cases:

@@ -176,9 +176,14 @@ def image_size(text: str) -> int:
 def image_shape(text: str) -> tuple[int, int]:
     """``N`` (square) or ``HxW``: positive image sides, any size."""
     parts = text.lower().split("x")
-    if len(parts) > 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected N or HxW, such as 512 or 500x450")
-    sides = tuple(count(part) for part in parts)
+    try:
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError("more than two sides")
+        sides = tuple(count(part) for part in parts)
+    except argparse.ArgumentTypeError:  # named whole: '12x', not the empty side after the x
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected N or HxW of integers >= 1, such as 512 or 500x450"
+        ) from None
     return (sides[0], sides[0]) if len(sides) == 1 else sides
 
 
