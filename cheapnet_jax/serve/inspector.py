@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cheapnet_jax.calibration import Setting
@@ -169,10 +168,14 @@ class Inspector:
         height, width = images[0].shape
         padded = np.stack([pad_to_multiple(image) for image in images])
         x = pad_batch(padded, compiled_batch_size(len(images), self.options.max_batch))
-        x = jax.device_put(jnp.asarray(x), self.devices[device])
+        x = jax.device_put(x, self.devices[device])  # numpy straight over (not jnp.asarray)
         detector = self.detector(threshold, min_area)
         with self._executing:
-            found = jax.device_get(detector(self._variables[device], x, crop=(height, width)))
+            found = detector(self._variables[device], x, crop=(height, width))
+            # Only what the answers need comes back to the host: not the probabilities and
+            # labels (8 MiB each for 8 images of 512x512), the masks only for overlays.
+            masks = found.masks if keep_masks else None
+            found = jax.device_get(found._replace(probabilities=None, labels=None, masks=masks))
         return [
             Inspection(
                 defects=defect_list(found, index),
