@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -295,7 +294,9 @@ def _predict_batch(loaded, detector, batch, out_dir, options, records) -> None:
     height, width = batch[0][1].shape
     padded = np.stack([pad_to_multiple(image) for _, image, _ in batch])  # uint8 [B, H, W]
     x = pad_batch(padded, compiled_batch_size(len(batch), options.batch_size))
-    found = jax.device_get(detector(loaded.variables, jnp.asarray(x), crop=(height, width)))
+    found = detector(loaded.variables, jax.device_put(x), crop=(height, width))
+    # The records need the boxes, scores and masks: the probabilities and labels stay behind.
+    found = jax.device_get(found._replace(probabilities=None, labels=None))
     for index, (path, image, warning) in enumerate(batch):
         record = image_record(path, found, index, warning)
         if options.overlays:
