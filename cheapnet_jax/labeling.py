@@ -363,16 +363,17 @@ def _opencv_host(
     """
     import cv2
 
-    masks = np.asarray(masks, bool)
+    masks = np.ascontiguousarray(masks, bool)
     batch, height, width = masks.shape
     labels = np.zeros(masks.shape, np.int32)
     counts = np.zeros(batch, np.int32)
     stats = np.zeros((batch, max_components, 5), np.int32)
     if height * width == 0:  # OpenCV refuses empty images; they have no component
         return labels, counts, stats, counts.copy()
-    sparse = np.count_nonzero(masks) < SPARSE_BELOW * masks.size
+    # K = 0 (labels only, `label_components`): no statistics either way.
+    opencv_stats = max_components > 0 and np.count_nonzero(masks) >= SPARSE_BELOW * masks.size
     for i, mask in enumerate(masks.view(np.uint8)):
-        if sparse:
+        if not opencv_stats:
             found, _ = cv2.connectedComponentsWithAlgorithm(
                 mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
             )
@@ -387,7 +388,7 @@ def _opencv_host(
             area = kept[:, cv2.CC_STAT_AREA]
             stats[i, : len(kept)] = np.stack([left, top, right, bottom, area], -1)
         counts[i] = found - 1
-    if sparse:
+    if max_components > 0 and not opencv_stats:
         stats = _foreground_stats(masks, labels, max_components)
     return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
 
