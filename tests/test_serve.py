@@ -32,6 +32,7 @@ from cheapnet_jax.calibration import resolve_settings  # noqa: E402
 from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization  # noqa: E402
 from cheapnet_jax.model import CheapNet, init_variables  # noqa: E402
 from cheapnet_jax.prediction import PredictOptions, predict_files, read_records  # noqa: E402
+from cheapnet_jax.serve import app as app_module  # noqa: E402
 from cheapnet_jax.serve.app import ServiceOptions, create_app  # noqa: E402
 from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError  # noqa: E402
 from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
@@ -300,6 +301,49 @@ def test_the_service_answers_what_predict_answers_on_the_real_samples(samples_fo
     assert chosen[0]["settings"]["min_area"] == {"value": 40, "source": "request"}
     assert max(answer["batch_size"] for answer in default + chosen) > 1  # requests shared calls
     assert all(answer["defects"] for answer in default)  # every sample has its defect
+
+
+def test_the_default_fast_path_answers_as_the_route(random_pkl, monkeypatch):
+    """A raw body without a query is answered by `_DefaultInspect` (no routing, no
+    dependencies); with ``?overlay=false`` (the same settings) by the FastAPI route: the same
+    answer, the same token check (a wrong one goes on to the route's 401), both counted."""
+    taken = []
+    serves = app_module._DefaultInspect._serves
+    monkeypatch.setattr(
+        app_module._DefaultInspect,
+        "_serves",
+        lambda self, scope: taken.append(serves(self, scope)) or taken[-1],
+    )
+    app = create_app(make_inspector(random_pkl), ServiceOptions(warm=(), token="t0k"))
+    app.auth = {"authorization": "Bearer t0k"}  # for serve()'s /readyz
+    rng = np.random.default_rng(5)
+    images = [png_bytes(rng.integers(0, 256, (32, 32), dtype=np.uint8)) for _ in range(3)]
+    headers = {"content-type": "image/png", "authorization": "Bearer t0k"}
+
+    async def scenario(client):
+        fast = [await client.post("/v1/inspect", content=i, headers=headers) for i in images]
+        routed = [
+            await client.post("/v1/inspect", content=i, headers=headers, params={"overlay": False})
+            for i in images
+        ]
+        wrong = await client.post(
+            "/v1/inspect", content=images[0], headers={**headers, "authorization": "Bearer no"}
+        )
+        return fast, routed, wrong, (await client.get("/metrics", headers=headers)).text
+
+    fast, routed, wrong, metrics = serve(app, scenario)
+    inspect_posts = [t for t in taken if t is not None]
+    assert inspect_posts.count(True) == 3  # the three without a query, nothing else
+    assert wrong.status_code == 401 and "token" in wrong.json()["error"]
+    for a, b in zip(fast, routed, strict=True):
+        assert a.status_code == b.status_code == 200
+        a, b = a.json(), b.json()
+        for answer in (a, b):
+            del answer["timing_ms"], answer["batch_size"]
+        assert a == b
+    assert fast[0].json()["settings"]["min_area"] == {"value": 0, "source": "default"}
+    assert 'cheapnet_requests_total{route="/v1/inspect",status="200"} 6.0' in metrics
+    assert 'cheapnet_requests_total{route="/v1/inspect",status="401"} 1.0' in metrics
 
 
 @pytest.fixture(scope="module")
