@@ -537,8 +537,8 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             lambda work: _unless_disconnected(request, work),
         )
 
-    # Innermost to outermost: this one is added last, so that the requests it serves skip the
-    # routing, the dependencies and the other middleware.
+    # Each middleware added wraps those added before it: added last, this one sees a request
+    # first, and the requests it serves skip the routing, the dependencies and the others.
     app.add_middleware(
         _DefaultInspect,
         inspect_image=inspect_image,
