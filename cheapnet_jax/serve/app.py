@@ -169,6 +169,17 @@ class _CountRequests:
             self.counter.labels(path, str(status[0]) if status else "none").inc()
 
 
+def _media_type(content_type: str) -> str:
+    """A Content-Type's media type: ``image/png; x=1`` -> ``image/png``."""
+    return content_type.split(";")[0].strip().lower()
+
+
+def _carries_token(authorization: str, token: bytes) -> bool:
+    """Whether an Authorization header's value is ``Bearer <token>`` (constant-time compare)."""
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), token)
+
+
 INSPECT_PATH = f"/{API_VERSION}/inspect"
 
 
@@ -189,18 +200,14 @@ class _DefaultInspect:
             return False
         if scope.get("query_string"):
             return False
-        headers = dict(scope.get("headers") or [])
-        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        length = headers.get(b"content-length", b"")
-        if not content_type.decode("latin-1").startswith(RAW_TYPES) or not length.isdigit():
+        # ASGI header values are bytes, read as latin-1 (as Starlette reads them for the route).
+        headers = {k: v.decode("latin-1") for k, v in scope.get("headers") or []}
+        length = headers.get(b"content-length", "")
+        if not _media_type(headers.get(b"content-type", "")).startswith(RAW_TYPES):
             return False
-        if int(length) > self.max_body_bytes:
+        if not length.isdigit() or int(length) > self.max_body_bytes:
             return False
-        if self.token is not None:
-            scheme, _, value = headers.get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(value, self.token):
-                return False
-        return True
+        return self.token is None or _carries_token(headers.get(b"authorization", ""), self.token)
 
     async def __call__(self, scope, receive, send):
         if not self._serves(scope):
@@ -246,7 +253,7 @@ class _DefaultInspect:
 async def _read_image_bytes(request: Request) -> tuple[bytes, str]:
     """The uploaded image's bytes and a name for messages: a raw body (``image/*`` or
     ``application/octet-stream``) or the first file of a multipart form."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _media_type(request.headers.get("content-type", ""))
     if content_type == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=8)
@@ -376,9 +383,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     async def authorized(request: Request) -> None:
         if token is None:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token):
+        if not _carries_token(request.headers.get("authorization", ""), token):
             raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(authorized)]
