@@ -393,6 +393,17 @@ def _opencv_host(
     return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
 
 
+def opencv_label_and_measure(
+    masks: np.ndarray, connectivity: int = 8, max_components: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`label_and_measure`'s CPU default as a numpy function, for callers on the host:
+    ``(labels [B, H, W], counts [B], stats [B, K, 5], valid [B, K], overflow [B])`` of boolean
+    masks ``[B, H, W]``, the very arrays the jitted form computes (it calls this). Needs
+    OpenCV."""
+    labels, counts, stats, overflow = _opencv_host(masks, connectivity, max_components)
+    return labels, counts, stats, stats[..., 4] > 0, overflow
+
+
 def _foreground_stats(masks: np.ndarray, labels: np.ndarray, max_components: int) -> np.ndarray:
     """``stats [B, K, 5]`` rows ``[x1, y1, x2, y2, area]`` of labels 1..K of ``labels [B, H,
     W]``, from the set pixels of ``masks`` only (a few percent of a defect mask): one bincount
@@ -665,8 +676,7 @@ def label_and_measure(
         return labels, counts, *_host_stats(labels, max_components)
 
     def opencv_measure(masks: np.ndarray) -> tuple[np.ndarray, ...]:
-        labels, counts, stats, overflow = _opencv_host(masks, connectivity, max_components)
-        return labels, counts, stats, stats[..., 4] > 0, overflow
+        return opencv_label_and_measure(masks, connectivity, max_components)
 
     host_forms = {"scipy": on_host(scipy_measure), "opencv": on_host(opencv_measure)}
     return _by_method(method, host_forms, by_union_find, masks)

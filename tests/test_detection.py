@@ -9,7 +9,15 @@ import pytest
 from scipy import ndimage
 
 from cheapnet_jax import CheapNet
-from cheapnet_jax.detection import component_sums, detect, detections_from_probabilities
+from cheapnet_jax.detection import (
+    component_sums,
+    detect,
+    detections_from_probabilities,
+    detections_on_host,
+    make_detector,
+    make_network,
+)
+from cheapnet_jax.labeling import SPARSE_BELOW
 from cheapnet_jax.metrics import coco_box_ap, coco_xywh, mask_bounding_box
 from cheapnet_jax.model import init_variables
 
@@ -90,6 +98,41 @@ def test_detect_runs_the_network_in_one_program():
     expected = jax.nn.sigmoid(jax.jit(model.apply)(variables, x))[..., 0]
     np.testing.assert_allclose(np.asarray(found.probabilities), np.asarray(expected), rtol=1e-6)
     assert found.stats.shape == (3, 16, 5) and found.labels.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("crop", [None, (45, 61)])
+def test_detections_on_host_are_the_cpu_detectors_arrays(crop):
+    """`detections_on_host` (numpy and OpenCV in the calling thread) against `make_detector` on
+    the CPU (OpenCV in a callback, XLA's sums): every array equal, the scores to the bit, for
+    masks sparse and dense (both ways of measuring, `SPARSE_BELOW`), components beyond
+    max_components, min_area, odd crops."""
+    pytest.importorskip("cv2", reason="detections_on_host needs OpenCV")
+    model = CheapNet(2)
+    variables = init_variables(model, jax.random.key(1))
+    rng = np.random.default_rng(2)
+    pixels = ndimage.gaussian_filter(rng.random((4, 48, 64)) * 255, (0, 1.5, 1.5))
+    pixels = pixels.astype(np.uint8)
+    normalization = (float(pixels.mean()), float(pixels.std()))
+    probabilities = np.asarray(
+        make_network(model, normalization=normalization)(variables, pixels, crop=crop)
+    )
+    for share_set, min_area in ((0.04, 0), (0.5, 5)):
+        threshold = float(np.quantile(probabilities, 1 - share_set))
+        detector = make_detector(
+            model, threshold=threshold, min_area=min_area, max_components=8,
+            normalization=normalization,
+        )  # fmt: skip
+        expected = jax.device_get(detector(variables, pixels, crop=crop))
+        found = detections_on_host(
+            probabilities, threshold=threshold, min_area=min_area, max_components=8
+        )
+        for field, array in zip(expected._fields, expected, strict=True):
+            np.testing.assert_array_equal(getattr(found, field), array, err_msg=field)
+        assert (expected.masks.mean() < SPARSE_BELOW) == (share_set < SPARSE_BELOW)
+        assert expected.valid.any(axis=1).all()  # a defect in every image
+        assert expected.scores[expected.valid].min() > threshold
+    dropped = (expected.stats[..., 4] > 0) & ~expected.valid  # by min_area
+    assert expected.overflow.max() > 0 and dropped.any()
 
 
 def test_coco_box_conventions():

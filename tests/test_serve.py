@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, SAMPLES, checkpoint_path, cli_env, free_port
 from PIL import Image
+from scipy import ndimage
 
 pytest.importorskip("fastapi", reason="the service needs the 'serve' extra")
 httpx = pytest.importorskip("httpx", reason="the service's tests need httpx")
@@ -205,6 +206,45 @@ def test_close_serves_everything_submitted():
         return [t.result()[0] for t in tasks]
 
     assert asyncio.run(scenario()) == [f"{i % 3}:{i}" for i in range(9)]
+
+
+def test_a_batch_s_host_part_lets_the_worker_take_the_next_batch():
+    """With finish_batch, the worker runs the next batch's device part while the host finishes
+    the previous one, but takes a third only once the second's host part has begun (one batch
+    per worker waits with its device part done); a host part's error reaches its own requests
+    only, and each request gets its own batch's results."""
+    device = FakeDevice()
+    host_may_finish = threading.Event()
+    events = []
+
+    def run_batch(worker, key, items):
+        events.append(f"device {items[0]}")
+        return device(worker, key, items)
+
+    def finish_batch(worker, key, started):
+        events.append(f"host {started[0]}")
+        host_may_finish.wait(10)
+        if started == ["a:bad"]:
+            raise ValueError("the host part failed")
+        return [f"{result} finished" for result in started]
+
+    async def scenario():
+        batcher = DynamicBatcher(
+            run_batch, workers=1, max_batch=1, max_wait_s=0, finish_batch=finish_batch
+        )
+        batcher.start()
+        submitted = [asyncio.ensure_future(batcher.submit("a", i)) for i in (0, "bad", 2)]
+        await asyncio.sleep(0.3)
+        held = list(events)
+        host_may_finish.set()
+        results = await asyncio.gather(*submitted, return_exceptions=True)
+        await batcher.close()
+        return held, results
+
+    held, results = asyncio.run(scenario())
+    assert held == ["device 0", "host a:0", "device bad"]  # not "device 2" yet
+    assert results[0][0] == "a:0 finished" and results[2][0] == "a:2 finished"
+    assert isinstance(results[1], ValueError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,14 +500,35 @@ def test_a_bearer_token_guards_everything_but_health_and_the_page(random_pkl):
     }
 
 
+def test_the_inspector_labels_on_the_host_what_the_detector_labels(random_pkl):
+    """The inspector's default on the CPU (the network alone, then `detections_on_host` in the
+    second part) against predict.py's one program (``labels_on_host=False``): the same defects,
+    scores included, components left out and masks, for a batch padded up to its compiled size
+    and images cropped from their multiple of 16."""
+    pytest.importorskip("cv2", reason="labels on the host need OpenCV")
+    rng = np.random.default_rng(3)
+    smooth = ndimage.gaussian_filter(rng.random((3, 40, 57)) * 255, (0, 1.5, 1.5))
+    images = list(smooth.astype(np.uint8))
+    on_host = make_inspector(random_pkl, max_batch=4, max_components=4)
+    one_program = make_inspector(random_pkl, max_batch=4, max_components=4, labels_on_host=False)
+    for threshold, min_area in ((0.5, 0), (0.6, 4)):
+        found = on_host.inspect_batch(0, images, threshold, min_area, keep_masks=True)
+        expected = one_program.inspect_batch(0, images, threshold, min_area, keep_masks=True)
+        assert [i.defects for i in found] == [i.defects for i in expected]
+        assert [i.components_left_out for i in found] == [i.components_left_out for i in expected]
+        for inspection, reference in zip(found, expected, strict=True):
+            np.testing.assert_array_equal(inspection.mask, reference.mask)
+    assert any(i.defects for i in expected) and any(i.components_left_out for i in found)
+
+
 class HeldInspector(Inspector):
     """An inspector whose device calls wait for ``release``: a service under load."""
 
     release = threading.Event()
 
-    def inspect_batch(self, *args, **kwargs):
+    def start_batch(self, *args, **kwargs):
         self.release.wait(30)
-        return super().inspect_batch(*args, **kwargs)
+        return super().start_batch(*args, **kwargs)
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(random_pkl):
@@ -611,7 +672,7 @@ sys.path.insert(0, sys.argv[2])
 from test_serve import make_inspector
 
 assert len(jax.local_devices()) == 2
-inspector = make_inspector(sys.argv[1], devices=2, max_batch=8)
+inspector = make_inspector(sys.argv[1], devices=2, max_batch=8, labels_on_host=sys.argv[3] == "1")
 rng = np.random.default_rng(0)
 images = [rng.integers(0, 256, (128, 128), dtype=np.uint8) for _ in range(8)]
 serial = [[i.defects for i in inspector.inspect_batch(d, images, 0.5, 0)] for d in (0, 1)]
@@ -633,11 +694,13 @@ print("answered", sum(map(len, answers.values())))
 """
 
 
-def test_two_devices_inspecting_at_once_on_the_cpu_do_not_deadlock(random_pkl):
+@pytest.mark.parametrize("labels_on_host", [False, True])
+def test_two_devices_inspecting_at_once_on_the_cpu_do_not_deadlock(random_pkl, labels_on_host):
     """The service runs one worker thread per device. On the CPU the detector's labeler is a
     host callback, and two such programs executing at once on XLA:CPU can deadlock: before the
     inspector ran them one at a time on the CPU, this test hung in 2 of 4 runs (and in 1 of 3
-    with 150 calls a thread). Every answer is the one the device gave alone."""
+    with 150 calls a thread). Every answer is the one the device gave alone; the same with the
+    labels made on the host in the threads themselves (the service's default form)."""
     try:
         done = subprocess.run(
             [
@@ -646,6 +709,7 @@ def test_two_devices_inspecting_at_once_on_the_cpu_do_not_deadlock(random_pkl):
                 CONCURRENT_INSPECTIONS,
                 str(random_pkl),
                 str(REPO_ROOT / "tests"),
+                str(int(labels_on_host)),
             ],
             capture_output=True,
             text=True,

@@ -323,16 +323,18 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     state = {"ready": False, "warmed": [], "warm_error": None, "frozen_objects": None}
     batcher_box: dict[str, DynamicBatcher] = {}
 
-    def run_batch(worker: int, key, items) -> list[Inspection]:
+    def run_batch(worker: int, key, items) -> Callable[[], list[Inspection]]:
+        """The batch's device part; returns its host part (`Inspector.start_batch`)."""
         _, threshold, min_area, tiled = key
         keep = any(overlay for _, overlay in items)
         if tiled:  # one image at a time, in tiles
-            return [
+            found = [
                 inspector.inspect_tiled(worker, image, threshold, min_area, keep)
                 for image, _ in items
             ]
+            return lambda: found
         images = [image for image, _ in items]
-        return inspector.inspect_batch(worker, images, threshold, min_area, keep)
+        return inspector.start_batch(worker, images, threshold, min_area, keep)
 
     async def warm_up() -> None:
         try:
@@ -360,6 +362,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             on_queue=metrics.queue_depth.set,
             on_in_flight=metrics.in_flight.set,
             early_dispatch=options.early_dispatch,
+            finish_batch=lambda worker, key, finish: finish(),
         )
         batcher.start()
         batcher_box["batcher"] = batcher

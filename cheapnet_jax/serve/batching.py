@@ -12,7 +12,10 @@ as soon as the last of them is submitted, and a lone request leaves at once. At 
 burst can never grow the memory without bound. A request whose caller gave up (its future
 cancelled) before its batch left is dropped from it: no work is left behind for it.
 
-Device work runs in a thread pool, never on the event loop.
+Device work runs in a thread pool, never on the event loop. With ``finish_batch``, a batch
+has a second, host-side part, run in a thread of its own: the worker is free for the next batch
+as soon as that part begins (at most one batch per worker waits to begin it), so that the host
+finishes one batch while the device runs the next.
 """
 
 from __future__ import annotations
@@ -43,11 +46,15 @@ class BatchInfo:
 
     size: int  # requests in the batch
     queued_s: float  # from submission to the batch's start
-    compute_s: float  # the batch's device call
+    compute_s: float  # the batch's device call (and its host part)
 
 
-RunBatch = Callable[[int, Hashable, Sequence[Any]], Sequence[Any]]
-"""``(worker, key, items) -> results``: one device call, in a worker thread; worker i of n."""
+RunBatch = Callable[[int, Hashable, Sequence[Any]], Any]
+"""``(worker, key, items) -> results``: one device call, in a worker thread; worker i of n.
+With a ``finish_batch``, it returns what that needs instead."""
+
+FinishBatch = Callable[[int, Hashable, Any], Sequence[Any]]
+"""``(worker, key, started) -> results``: a batch's host part, given ``run_batch``'s return."""
 
 
 class DynamicBatcher:
@@ -68,8 +75,10 @@ class DynamicBatcher:
         on_queue: Callable[[int], None] = lambda depth: None,
         on_in_flight: Callable[[int], None] = lambda count: None,
         early_dispatch: bool = False,
+        finish_batch: FinishBatch | None = None,
     ):
         self._run_batch = run_batch
+        self._finish_batch = finish_batch
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
@@ -81,6 +90,8 @@ class DynamicBatcher:
         for worker in range(workers):
             self._free_workers.put_nowait(worker)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="cheapnet-device")
+        self._finish_pool = ThreadPoolExecutor(workers, thread_name_prefix="cheapnet-host")
+        self._finishing = [asyncio.Lock() for _ in range(workers)]  # one batch each at a time
         self._arrived = asyncio.Event()
         self._running: set[asyncio.Task] = set()
         self._in_flight = 0
@@ -140,6 +151,7 @@ class DynamicBatcher:
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         self._pool.shutdown(wait=True)
+        self._finish_pool.shutdown(wait=True)
 
     def _prune(self) -> None:
         for key in list(self._waiting):
@@ -199,10 +211,27 @@ class DynamicBatcher:
         self._in_flight += len(batch)
         self._on_in_flight(self._in_flight)
         self._on_batch(len(batch))
+        freed = False
+
+        def free_worker() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                self._free_workers.put_nowait(worker)
+                self._arrived.set()
+
+        loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._run_batch, worker, key, [w.item for w in batch]
-            )
+            items = [w.item for w in batch]
+            results = await loop.run_in_executor(self._pool, self._run_batch, worker, key, items)
+            if self._finish_batch is not None:
+                # The worker is freed once this batch's host part begins, not before: at most
+                # one batch per worker waits with its device part done (bounded memory).
+                async with self._finishing[worker]:
+                    free_worker()
+                    results = await loop.run_in_executor(
+                        self._finish_pool, self._finish_batch, worker, key, results
+                    )
         except Exception as err:  # every request of the batch gets the error
             for waiting in batch:
                 if not waiting.future.done():
@@ -216,5 +245,4 @@ class DynamicBatcher:
         finally:
             self._in_flight -= len(batch)
             self._on_in_flight(self._in_flight)
-            self._free_workers.put_nowait(worker)
-            self._arrived.set()
+            free_worker()
