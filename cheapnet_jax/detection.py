@@ -13,10 +13,13 @@ import numpy as np
 from cheapnet_jax import data
 from cheapnet_jax.labeling import (
     Method,
+    SetPixels,
     block_pixels,
     component_segments,
+    foreground_stats,
     label_and_measure,
-    opencv_label_and_measure,
+    opencv_labels,
+    set_pixels,
 )
 from cheapnet_jax.model import CheapNet, fold_batch_norm, inference_logits
 
@@ -100,33 +103,37 @@ def detections_on_host(
     labels one batch while the device runs the network of the next. Needs OpenCV."""
     probabilities = np.asarray(probabilities, np.float32)
     masks = probabilities > np.float32(threshold)  # the jitted form's weakly typed compare
-    labels, _, stats, valid, overflow = opencv_label_and_measure(masks, 8, max_components)
+    labels, counts = opencv_labels(masks, 8)
+    pixels = set_pixels(masks, labels)  # boxes, areas and sums over these only
+    stats = foreground_stats(pixels, len(masks), max_components)
     area = stats[..., 4]
-    sums = _component_sums_on_host(masks, labels, probabilities, max_components)
+    valid = area > 0
+    sums = _component_sums_on_host(pixels, labels.shape, probabilities, max_components)
     scores = np.where(valid, sums / np.maximum(area, 1).astype(np.float32), np.float32(0))
-    valid = valid & (area >= min_area)
-    return Detections(probabilities, masks, labels, stats, scores, valid, overflow)
+    overflow = np.maximum(counts - max_components, 0).astype(np.int32)
+    return Detections(
+        probabilities, masks, labels, stats, scores, valid & (area >= min_area), overflow
+    )
 
 
 def _component_sums_on_host(
-    masks: np.ndarray, labels: np.ndarray, values: np.ndarray, max_components: int
+    pixels: SetPixels, shape: tuple[int, int, int], values: np.ndarray, max_components: int
 ) -> np.ndarray:
-    """`component_sums` (8-connectivity) of the labels of ``masks`` in numpy, float32 to the
-    bit, over the set pixels only: each 2x2 block's set values added in the jitted form's order
-    (its pixels (0, 0), (0, 1), (1, 0), (1, 1): raster order), then the blocks' sums added to
-    their component one after another in raster order of the blocks, as XLA:CPU's scatter adds
-    its updates."""
-    batch, height, width = labels.shape
+    """`component_sums` (8-connectivity) of ``values [B, H, W]`` over the labeled set pixels,
+    float32 to the bit: each 2x2 block's set values added in the jitted form's order (its
+    pixels (0, 0), (0, 1), (1, 0), (1, 1): raster order), then the blocks' sums added to their
+    component one after another in raster order of the blocks, as XLA:CPU's scatter adds its
+    updates."""
+    batch, height, width = shape
     block_rows, block_cols = (height + 1) // 2, (width + 1) // 2
-    where = np.flatnonzero(masks)  # raster order; of the bool masks: 7x faster than of labels
-    image, pixel = np.divmod(where, height * width)
-    row, col = np.divmod(pixel, width)
-    block = (image * block_rows + row // 2) * block_cols + col // 2
+    block = (pixels.image * block_rows + pixels.row // 2) * block_cols + pixels.col // 2
     block_sums = np.zeros(batch * block_rows * block_cols, np.float32)
-    np.add.at(block_sums, block, values.reshape(-1)[where])
-    block_labels = np.zeros(block_sums.shape, labels.dtype)
-    block_labels[block] = labels.reshape(-1)[where]  # one component per block
-    occupied = np.flatnonzero(block_labels)  # raster order of the blocks
+    np.add.at(block_sums, block, values.reshape(-1)[pixels.index])
+    block_labels = np.zeros(block_sums.shape, np.int32)
+    block_labels[block] = pixels.label  # one component per block
+    occupied = np.zeros(block_sums.shape, bool)
+    occupied[block] = True
+    occupied = np.flatnonzero(occupied)  # raster order of the blocks
     label = block_labels[occupied]
     kept = label <= max_components
     segment = occupied[kept] // (block_rows * block_cols) * max_components + label[kept] - 1

@@ -347,7 +347,7 @@ def _scipy_labels_host(masks: np.ndarray, connectivity: int) -> tuple[np.ndarray
 
 SPARSE_BELOW = 1 / 8
 """The share of set pixels under which the OpenCV labeler measures boxes and areas over the set
-pixels (`_foreground_stats`) rather than with OpenCV's statistics, which visit every pixel
+pixels (`foreground_stats`) rather than with OpenCV's statistics, which visit every pixel
 (about 0.7 ms per 512x512 mask): 0.4-0.66 ms against 1.0-1.3 per labeled mask at 5-10%, about
 even at 20%, twice OpenCV's time at 50% (BENCHMARKS.md). Defect masks are mostly background."""
 
@@ -355,73 +355,93 @@ even at 20%, twice OpenCV's time at 50% (BENCHMARKS.md). Defect masks are mostly
 def _opencv_host(
     masks: np.ndarray, connectivity: int, max_components: int = 0
 ) -> tuple[np.ndarray, ...]:
-    """OpenCV's labels, counts, stats ``[B, max_components, 5]`` and overflow of masks [B, H, W].
-
-    ``CCL_SAUF`` (Wu et al.'s scan-based union-find) numbers components by their first pixel
-    in raster order, as `scipy.ndimage.label` does (OpenCV's default algorithm for 8-connectivity
-    does not). Boxes and areas: see `SPARSE_BELOW`.
-    """
+    """OpenCV's labels, counts, stats ``[B, max_components, 5]`` and overflow of masks [B, H, W]
+    (`opencv_labels`). Boxes and areas: see `SPARSE_BELOW`."""
     import cv2
 
     masks = np.ascontiguousarray(masks, bool)
     batch, height, width = masks.shape
+    # K = 0 (labels only, `label_components`): no statistics either way.
+    dense = max_components > 0 and np.count_nonzero(masks) >= SPARSE_BELOW * masks.size
+    if not dense or height * width == 0:
+        labels, counts = opencv_labels(masks, connectivity)
+        stats = foreground_stats(set_pixels(masks, labels), batch, max_components)
+        return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
     labels = np.zeros(masks.shape, np.int32)
     counts = np.zeros(batch, np.int32)
     stats = np.zeros((batch, max_components, 5), np.int32)
-    if height * width == 0:  # OpenCV refuses empty images; they have no component
-        return labels, counts, stats, counts.copy()
-    # K = 0 (labels only, `label_components`): no statistics either way.
-    opencv_stats = max_components > 0 and np.count_nonzero(masks) >= SPARSE_BELOW * masks.size
     for i, mask in enumerate(masks.view(np.uint8)):
-        if not opencv_stats:
-            found, _ = cv2.connectedComponentsWithAlgorithm(
-                mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
-            )
-        else:
-            found, _, cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-                mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
-            )
-            kept = cv_stats[1 : max_components + 1]  # row 0 is the background
-            left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
-            right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
-            bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
-            area = kept[:, cv2.CC_STAT_AREA]
-            stats[i, : len(kept)] = np.stack([left, top, right, bottom, area], -1)
+        found, _, cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
+        )
+        kept = cv_stats[1 : max_components + 1]  # row 0 is the background
+        left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
+        right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
+        bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
+        area = kept[:, cv2.CC_STAT_AREA]
+        stats[i, : len(kept)] = np.stack([left, top, right, bottom, area], -1)
         counts[i] = found - 1
-    if max_components > 0 and not opencv_stats:
-        stats = _foreground_stats(masks, labels, max_components)
     return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
 
 
-def opencv_label_and_measure(
-    masks: np.ndarray, connectivity: int = 8, max_components: int = 256
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`label_and_measure`'s CPU default as a numpy function, for callers on the host:
-    ``(labels [B, H, W], counts [B], stats [B, K, 5], valid [B, K], overflow [B])`` of boolean
-    masks ``[B, H, W]``, the very arrays the jitted form computes (it calls this). Needs
-    OpenCV."""
-    labels, counts, stats, overflow = _opencv_host(masks, connectivity, max_components)
-    return labels, counts, stats, stats[..., 4] > 0, overflow
+def opencv_labels(masks: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's labels ``int32 [B, H, W]`` and counts ``[B]`` of boolean masks ``[B, H, W]``,
+    `label_components`'s on the CPU (numpy in, numpy out). Needs OpenCV.
+
+    ``CCL_SAUF`` (Wu et al.'s scan-based union-find) numbers components by their first pixel
+    in raster order, as `scipy.ndimage.label` does (OpenCV's default algorithm for 8-connectivity
+    does not).
+    """
+    import cv2
+
+    masks = np.ascontiguousarray(masks, bool)
+    labels = np.zeros(masks.shape, np.int32)
+    counts = np.zeros(masks.shape[0], np.int32)
+    if masks.size == 0:  # OpenCV refuses empty images; they have no component
+        return labels, counts
+    for i, mask in enumerate(masks.view(np.uint8)):
+        found, _ = cv2.connectedComponentsWithAlgorithm(
+            mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
+        )
+        counts[i] = found - 1
+    return labels, counts
 
 
-def _foreground_stats(masks: np.ndarray, labels: np.ndarray, max_components: int) -> np.ndarray:
-    """``stats [B, K, 5]`` rows ``[x1, y1, x2, y2, area]`` of labels 1..K of ``labels [B, H,
-    W]``, from the set pixels of ``masks`` only (a few percent of a defect mask): one bincount
-    and four unbuffered min/max reductions over the whole batch; rows of absent labels are 0."""
-    batch, height, width = labels.shape
-    segments = batch * max_components
-    where = np.flatnonzero(masks)  # raster order, image after image
-    label = labels.reshape(-1)[where]
-    kept = label <= max_components  # labels beyond K are counted as overflow only
-    where, label = where[kept], label[kept]
-    image, pixel = np.divmod(where, height * width)
+class SetPixels(NamedTuple):
+    """The set pixels of masks ``[B, H, W]`` in raster order, image after image: each one's
+    flat index, image, row, column and label."""
+
+    index: np.ndarray
+    image: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    label: np.ndarray
+
+
+def set_pixels(masks: np.ndarray, labels: np.ndarray) -> SetPixels:
+    """The set pixels of boolean ``masks [B, H, W]`` and their ``labels``."""
+    _, height, width = masks.shape
+    index = np.flatnonzero(masks)  # of the bool masks: 7x faster than of the int32 labels
+    image, pixel = np.divmod(index, height * width)
     row, col = np.divmod(pixel, width)
+    return SetPixels(index, image, row, col, labels.reshape(-1)[index])
+
+
+def foreground_stats(pixels: SetPixels, batch: int, max_components: int) -> np.ndarray:
+    """``stats [B, K, 5]`` rows ``[x1, y1, x2, y2, area]`` of labels 1..K, from the set pixels
+    only (a few percent of a defect mask): one bincount and four unbuffered min/max reductions
+    over the whole batch; rows of absent labels are 0 (as are all for K = 0)."""
+    segments = batch * max_components
+    image, row, col, label = pixels.image, pixels.row, pixels.col, pixels.label
+    kept = label <= max_components  # labels beyond K are counted as overflow only
+    if not kept.all():
+        image, row, col, label = image[kept], row[kept], col[kept], label[kept]
     segment = image * max_components + (label - 1)
     area = np.bincount(segment, minlength=segments)
     corners = []
     for reduce, start, values in (
-        (np.minimum, width, col),
-        (np.minimum, height, row),
+        (np.minimum, np.iinfo(np.int64).max, col),
+        (np.minimum, np.iinfo(np.int64).max, row),
         (np.maximum, -1, col),
         (np.maximum, -1, row),
     ):
@@ -676,7 +696,8 @@ def label_and_measure(
         return labels, counts, *_host_stats(labels, max_components)
 
     def opencv_measure(masks: np.ndarray) -> tuple[np.ndarray, ...]:
-        return opencv_label_and_measure(masks, connectivity, max_components)
+        labels, counts, stats, overflow = _opencv_host(masks, connectivity, max_components)
+        return labels, counts, stats, stats[..., 4] > 0, overflow
 
     host_forms = {"scipy": on_host(scipy_measure), "opencv": on_host(opencv_measure)}
     return _by_method(method, host_forms, by_union_find, masks)
