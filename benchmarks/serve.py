@@ -118,7 +118,7 @@ def in_process_figures(path: Path, payloads: dict[str, list[bytes]], max_batch: 
             defaults,
             InspectorOptions(max_batch=max_batch, labels_on_host=on_host),
         )
-        for on_host in (True, False)
+        for on_host in (None, False)  # the service's default form, predict.py's one program
     )
 
     pixels = [decode(p) for p in payloads["png"]]
@@ -146,7 +146,10 @@ def in_process_figures(path: Path, payloads: dict[str, list[bytes]], max_batch: 
             form: sustained_img_s(
                 lambda i=inspecting: i.inspect_batch(0, full_batch, 0.5, 0), max_batch, seconds / 2
             )
-            for form, inspecting in (("two parts", inspector), ("one program", one_program))
+            for form, inspecting in (
+                ("two parts" if inspector.labels_on_host else "one program", inspector),
+                ("one program", one_program),
+            )
         },
     }
 

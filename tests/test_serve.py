@@ -31,12 +31,17 @@ httpx = pytest.importorskip("httpx", reason="the service's tests need httpx")
 
 from cheapnet_jax.calibration import resolve_settings  # noqa: E402
 from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization  # noqa: E402
+from cheapnet_jax.labeling import opencv_available  # noqa: E402
 from cheapnet_jax.model import CheapNet, init_variables  # noqa: E402
 from cheapnet_jax.prediction import PredictOptions, predict_files, read_records  # noqa: E402
 from cheapnet_jax.serve import app as app_module  # noqa: E402
 from cheapnet_jax.serve.app import ServiceOptions, create_app  # noqa: E402
 from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError  # noqa: E402
-from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
+from cheapnet_jax.serve.inspector import (  # noqa: E402
+    LABELS_ON_HOST_UP_TO,
+    Inspector,
+    InspectorOptions,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Dynamic batching, with a fake device that records what it was given.
@@ -621,6 +626,10 @@ def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
         load_torch_checkpoint(tmp_path / "copy.pkl")[1]
     )
     assert model["weights_digest"] != weights_digest(load_torch_checkpoint(other)[1])
+    # G = 2 labels on the host on this CPU (with OpenCV); wider models in the one program.
+    assert model["labels_on_host"] is opencv_available()
+    wide = make_inspector(random_checkpoint(tmp_path, features=LABELS_ON_HOST_UP_TO * 2))
+    assert not wide.labels_on_host
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,6 +313,8 @@ def model_description(inspector: Inspector) -> dict:
         "max_batch": inspector.options.max_batch,
         "max_components": inspector.options.max_components,
         "devices": [str(device) for device in inspector.devices],
+        # on the host, overlapped with the next batch's network (Inspector.start_batch)
+        "labels_on_host": inspector.labels_on_host,
     }
 
 

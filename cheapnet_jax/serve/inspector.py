@@ -12,7 +12,8 @@ A batch is inspected in two parts (`Inspector.start_batch`): the device's, then 
 the CPU with OpenCV, where the detector would label in a host callback anyway, the device runs
 the network alone and the host labels and measures (`detections_on_host`: the detector's very
 arrays, tested), so that a service labels one batch on one core while the network of the next
-runs: CheapNet-S served 1.2x the answers per second of the one program (BENCHMARKS.md).
+runs: CheapNet-S served 1.2x the answers per second of the one program (BENCHMARKS.md). Only
+for small widths by default (`LABELS_ON_HOST_UP_TO`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ during the warm-up: both callbacks wait for the copy of their inputs jax makes b
 them). The deadlock is the process's, not one inspector's, so the lock is too. CPU devices
 share the same cores anyway; accelerators (union-find labeler, no callback) run side by side."""
 
+LABELS_ON_HOST_UP_TO = 8
+"""The widths G for which the inspector labels on the host by default (on the CPU, with
+OpenCV). Measured on AMD EPYC (AVX2, 2 cores), batches of 8 images of 512x512: the labeling is
+13-28% of the batch's time for G = 1-8, which a service overlaps with the next batch's network;
+for G = 16 and 32 it is 6% and 3%, and for G = 32 the one program also keeps the resident
+memory about 0.7 GB lower (its 145 MiB of temporaries and the host's arrays interleave on the
+kept heap of `cheapnet_jax.host_allocator`)."""
+
 DETECTOR_CACHE = 8
 """Compiled detectors kept for request settings other than the defaults (least recently used
 dropped first), so that many distinct thresholds cannot fill the memory with programs."""
@@ -66,8 +75,9 @@ class InspectorOptions:
     dtype: str = "float32"
     tile_above: int = 2048 * 2048  # images of more pixels go through tiles of DEFAULT_TILE
     # On the CPU with OpenCV, run the network alone and label on the host in `start_batch`'s
-    # second part (the same arrays); False: the whole detector as one program (predict.py's).
-    labels_on_host: bool = True
+    # second part (the same arrays); False: the whole detector as one program (predict.py's);
+    # None: for widths up to `LABELS_ON_HOST_UP_TO`.
+    labels_on_host: bool | None = None
 
 
 @dataclass
@@ -136,7 +146,10 @@ class Inspector:
         # Where the detector would label on the host anyway (XLA:CPU with OpenCV, its
         # `method="auto"`), the inspector runs the network alone and labels in `start_batch`'s
         # second part: the same arrays, and a service's next batch need not wait for it.
-        self._labels_on_host = options.labels_on_host and on_cpu and opencv_available()
+        wanted = options.labels_on_host
+        if wanted is None:
+            wanted = loaded.model.features <= LABELS_ON_HOST_UP_TO
+        self.labels_on_host = wanted and on_cpu and opencv_available()
         self._network = make_network(
             loaded.model,
             dtype=options.dtype,
@@ -221,7 +234,7 @@ class Inspector:
         padded = np.stack([pad_to_multiple(image) for image in images])
         x = pad_batch(padded, compiled_batch_size(len(images), self.options.max_batch))
         x = jax.device_put(x, self.devices[device])  # numpy straight over (not jnp.asarray)
-        if self._labels_on_host:
+        if self.labels_on_host:
             with self._executing:
                 probabilities = self._network(self._variables[device], x, crop=(height, width))
                 probabilities = np.asarray(jax.device_get(probabilities))[: len(images)]
