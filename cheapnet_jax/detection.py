@@ -18,6 +18,7 @@ from cheapnet_jax.labeling import (
     component_segments,
     foreground_stats,
     label_and_measure,
+    opencv_available,
     opencv_labels,
     set_pixels,
 )
@@ -88,6 +89,25 @@ def detections_from_probabilities(
     scores = jnp.where(valid, sums / jnp.maximum(area, 1).astype(sums.dtype), 0)
     valid = valid & (area >= min_area)
     return Detections(probabilities, masks, labels, stats, scores, valid, overflow)
+
+
+LABELS_ON_HOST_UP_TO = 8
+"""The widths G for which the CPU runs the network alone and labels on the host by default
+(`labels_on_host`), so that the labeling of one batch overlaps the network of the next (the
+service, predict.py). Measured on AMD EPYC (AVX2, 2 cores), batches of 8 images of 512x512:
+the labeling is 13-28% of a batch's time for G = 1-8; for G = 16 and 32 it is 6% and 3%, and
+for G = 32 the two parts also left about 0.7 GB more resident in a service (its 145 MiB of
+temporaries and the host's arrays interleave on the heap `cheapnet_jax.host_allocator` keeps;
+BENCHMARKS.md)."""
+
+
+def labels_on_host(features: int, on_cpu: bool, wanted: bool | None = None) -> bool:
+    """Whether to run the network alone (`make_network`) and label on the host
+    (`detections_on_host`): as ``wanted``, or when None for widths up to `LABELS_ON_HOST_UP_TO`;
+    only on the CPU, with OpenCV (elsewhere the detector labels on the device)."""
+    if wanted is None:
+        wanted = features <= LABELS_ON_HOST_UP_TO
+    return wanted and on_cpu and opencv_available()
 
 
 def detections_on_host(

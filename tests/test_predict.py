@@ -201,3 +201,44 @@ def test_tiled_prediction_equals_whole_image_prediction(inputs, tmp_path):
     assert any(tiled[name]["defects"] for name in tiled)
     assert limit["1070.PNG"]["tiles"] == 1  # 512x512 > 250,000 pixels: one tile of 1024
     assert "tiles" not in limit["colour.png"]  # 500x450 = 225,000 pixels: whole
+
+
+def test_labels_on_the_host_write_what_the_one_program_writes(tmp_path):
+    """predict.py's default on the CPU for small models (the network alone, the labels made on
+    the host while the next batch's network runs) against the one program: the same records,
+    line for line and in order (an unreadable file between batches, two sizes, a batch padded
+    up to its compiled size), and the same overlays, byte for byte."""
+    pytest.importorskip("cv2", reason="labels on the host need OpenCV")
+    pytest.importorskip("torch", reason="writing a .pkl checkpoint needs torch")
+    from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint
+    from cheapnet_jax.model import CheapNet, init_variables
+    from cheapnet_jax.prediction import PredictOptions, predict_files
+    from cheapnet_jax.torch_import import save_torch_checkpoint
+
+    checkpoint = tmp_path / "random.pkl"
+    save_torch_checkpoint(init_variables(CheapNet(2), jax.random.key(0)), checkpoint)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for index, shape in enumerate([(40, 57)] * 3 + [(32, 32)] * 2):
+        pixels = ndimage.gaussian_filter(rng.random(shape) * 255, 1.5).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    (folder / "2b-broken.png").write_bytes(b"not an image")
+    paths = sorted(folder.iterdir())
+    written = {}
+    for on_host in (True, False):
+        out = tmp_path / f"out-{on_host}"
+        options = PredictOptions(
+            threshold=0.6, batch_size=2, progress=False, labels_on_host=on_host
+        )
+        counts = predict_files(
+            load_checkpoint(checkpoint), paths, out, AUTHORS_NORMALIZATION, options
+        )
+        assert counts == {"images": 5, "failed": 1, "skipped": 0}
+        overlays = {p.name: p.read_bytes() for p in (out / "overlays").iterdir()}
+        written[on_host] = ((out / "defects.jsonl").read_text().splitlines(), overlays)
+    lines, overlays = written[True]
+    assert lines == written[False][0] and overlays == written[False][1]
+    records = [json.loads(line) for line in lines]
+    assert sorted(file_name(r["file"]) for r in records) == [p.name for p in paths]
+    assert sum(len(r.get("defects", [])) for r in records) > 5 and len(overlays) == 5

@@ -31,17 +31,14 @@ httpx = pytest.importorskip("httpx", reason="the service's tests need httpx")
 
 from cheapnet_jax.calibration import resolve_settings  # noqa: E402
 from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization  # noqa: E402
+from cheapnet_jax.detection import LABELS_ON_HOST_UP_TO  # noqa: E402
 from cheapnet_jax.labeling import opencv_available  # noqa: E402
 from cheapnet_jax.model import CheapNet, init_variables  # noqa: E402
 from cheapnet_jax.prediction import PredictOptions, predict_files, read_records  # noqa: E402
 from cheapnet_jax.serve import app as app_module  # noqa: E402
 from cheapnet_jax.serve.app import ServiceOptions, create_app  # noqa: E402
 from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError  # noqa: E402
-from cheapnet_jax.serve.inspector import (  # noqa: E402
-    LABELS_ON_HOST_UP_TO,
-    Inspector,
-    InspectorOptions,
-)
+from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Dynamic batching, with a fake device that records what it was given.

@@ -13,7 +13,7 @@ the CPU with OpenCV, where the detector would label in a host callback anyway, t
 the network alone and the host labels and measures (`detections_on_host`: the detector's very
 arrays, tested), so that a service labels one batch on one core while the network of the next
 runs: CheapNet-S served 1.2x the answers per second of the one program (BENCHMARKS.md). Only
-for small widths by default (`LABELS_ON_HOST_UP_TO`).
+for small widths by default (`detection.LABELS_ON_HOST_UP_TO`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from cheapnet_jax.data import pad_to_multiple
 from cheapnet_jax.detection import (
     Detections,
     detections_on_host,
+    labels_on_host,
     make_detector,
     make_network,
 )
 from cheapnet_jax.evaluation import compiled_batch_size, pad_batch
-from cheapnet_jax.labeling import opencv_available
 from cheapnet_jax.model import VARIANTS
 from cheapnet_jax.prediction import defect_list, tiled_defect_list
 from cheapnet_jax.tiling import DEFAULT_TILE, detect_tiled, make_tile_detector
@@ -52,14 +52,6 @@ XLA:CPU can deadlock (jax 0.10; 2 CPU devices, or 2 threads on one, such as a re
 during the warm-up: both callbacks wait for the copy of their inputs jax makes before calling
 them). The deadlock is the process's, not one inspector's, so the lock is too. CPU devices
 share the same cores anyway; accelerators (union-find labeler, no callback) run side by side."""
-
-LABELS_ON_HOST_UP_TO = 8
-"""The widths G for which the inspector labels on the host by default (on the CPU, with
-OpenCV). Measured on AMD EPYC (AVX2, 2 cores), batches of 8 images of 512x512: the labeling is
-13-28% of the batch's time for G = 1-8, which a service overlaps with the next batch's network;
-for G = 16 and 32 it is 6% and 3%, and for G = 32 the one program also keeps the resident
-memory about 0.7 GB lower (its 145 MiB of temporaries and the host's arrays interleave on the
-kept heap of `cheapnet_jax.host_allocator`)."""
 
 DETECTOR_CACHE = 8
 """Compiled detectors kept for request settings other than the defaults (least recently used
@@ -76,7 +68,7 @@ class InspectorOptions:
     tile_above: int = 2048 * 2048  # images of more pixels go through tiles of DEFAULT_TILE
     # On the CPU with OpenCV, run the network alone and label on the host in `start_batch`'s
     # second part (the same arrays); False: the whole detector as one program (predict.py's);
-    # None: for widths up to `LABELS_ON_HOST_UP_TO`.
+    # None: for widths up to `detection.LABELS_ON_HOST_UP_TO`.
     labels_on_host: bool | None = None
 
 
@@ -146,10 +138,7 @@ class Inspector:
         # Where the detector would label on the host anyway (XLA:CPU with OpenCV, its
         # `method="auto"`), the inspector runs the network alone and labels in `start_batch`'s
         # second part: the same arrays, and a service's next batch need not wait for it.
-        wanted = options.labels_on_host
-        if wanted is None:
-            wanted = loaded.model.features <= LABELS_ON_HOST_UP_TO
-        self.labels_on_host = wanted and on_cpu and opencv_available()
+        self.labels_on_host = labels_on_host(loaded.model.features, on_cpu, options.labels_on_host)
         self._network = make_network(
             loaded.model,
             dtype=options.dtype,
