@@ -214,11 +214,12 @@ class Inspector:
         keep_masks: bool = False,
     ) -> Callable[[], list[Inspection]]:
         """`inspect_batch` in two parts: the device's, done here, and the host's, returned as a
-        function to call (in any thread) for the inspections. On the CPU with OpenCV the device
-        runs the network alone and the returned function labels and measures the masks
-        (`detections_on_host`: the detector's very arrays), so that a service can label one
-        batch while the next one's network runs; elsewhere the device runs the whole detector
-        and the function only lists the defects."""
+        function to call (in any thread) for the inspections. Where `labels_on_host` (small
+        models on the CPU, with OpenCV) the device runs the network alone and the returned
+        function labels and measures the masks (`detections_on_host`: the detector's very
+        arrays), so that a service can label one batch while the next one's network runs;
+        elsewhere the device runs the whole detector and the function only lists the
+        defects."""
         height, width = images[0].shape
         padded = np.stack([pad_to_multiple(image) for image in images])
         x = pad_batch(padded, compiled_batch_size(len(images), self.options.max_batch))
