@@ -52,6 +52,8 @@ from cheapnet_jax.tiling import (
 )
 
 RECORDS_FILE = "defects.jsonl"
+OVERLAY_WRITERS = 2
+"""Threads that encode and write a batch's overlays side by side."""
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,7 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
         # device part runs; the main thread writes only once that is done (`settle`), so the
         # records keep their order, and a failure there surfaces at the next batch.
         ThreadPoolExecutor(1, thread_name_prefix="predict-host") as host,
+        ThreadPoolExecutor(OVERLAY_WRITERS, thread_name_prefix="predict-overlay") as overlays,
     ):
         pending: list[Future] = []
 
@@ -316,7 +319,9 @@ def _predict_files(loaded, paths, out_dir, normalization, options) -> dict:
             if batch and not in_tiles:
                 finish = _detect_batch(loaded, detector, network, batch, options)
                 settle()
-                pending.append(host.submit(_write_batch, finish, batch, out_dir, options, records))
+                pending.append(
+                    host.submit(_write_batch, finish, batch, out_dir, options, records, overlays)
+                )
             counts["images"] += len(batch)
             progress.update(len(batch) + len(errors))
         settle()
@@ -346,14 +351,25 @@ def _detect_batch(loaded, detector, network, batch, options) -> Callable[[], Det
     return lambda: found
 
 
-def _write_batch(finish, batch, out_dir, options, records) -> None:
+def _write_batch(finish, batch, out_dir, options, records, overlay_writers) -> None:
     found = finish()
-    for index, (path, image, warning) in enumerate(batch):
-        record = image_record(path, found, index, warning)
-        if options.overlays:
-            name = overlay_name(path)
-            write_overlay(out_dir / "overlays" / name, image, found.masks[index], record)
+    batch_records = [
+        image_record(path, found, index, warning) for index, (path, _, warning) in enumerate(batch)
+    ]
+    if options.overlays:
+        names = [overlay_name(path) for path, _, _ in batch]
+        # Pillow encodes PNG without the interpreter lock: the batch's overlays side by side.
+        written = overlay_writers.map(
+            write_overlay,
+            [out_dir / "overlays" / name for name in names],
+            [image for _, image, _ in batch],
+            found.masks[: len(batch)],
+            batch_records,
+        )
+        list(written)  # all written (or the first error raised) before the records
+        for record, name in zip(batch_records, names, strict=True):
             record["overlay"] = str(Path("overlays") / name)
+    for record in batch_records:
         records.write(json.dumps(record) + "\n")
     records.flush()
 
