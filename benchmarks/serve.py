@@ -147,9 +147,9 @@ def in_process_figures(path: Path, payloads: dict[str, list[bytes]], max_batch: 
                 lambda i=inspecting: i.inspect_batch(0, full_batch, 0.5, 0), max_batch, seconds / 2
             )
             for form, inspecting in (
-                ("two parts" if inspector.labels_on_host else "one program", inspector),
-                ("one program", one_program),
+                (("two parts", inspector),) if inspector.labels_on_host else ()
             )
+            + (("one program", one_program),)
         },
     }
 

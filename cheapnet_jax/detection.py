@@ -20,6 +20,7 @@ from cheapnet_jax.labeling import (
     label_and_measure,
     opencv_available,
     opencv_labels,
+    overflow_of,
     set_pixels,
 )
 from cheapnet_jax.model import CheapNet, fold_batch_norm, inference_logits
@@ -130,7 +131,7 @@ def detections_on_host(
     valid = area > 0
     sums = _component_sums_on_host(pixels, labels.shape, probabilities, max_components)
     scores = np.where(valid, sums / np.maximum(area, 1).astype(np.float32), np.float32(0))
-    overflow = np.maximum(counts - max_components, 0).astype(np.int32)
+    overflow = overflow_of(counts, max_components)
     return Detections(
         probabilities, masks, labels, stats, scores, valid & (area >= min_area), overflow
     )

@@ -366,22 +366,27 @@ def _opencv_host(
     if not dense or height * width == 0:
         labels, counts = opencv_labels(masks, connectivity)
         stats = foreground_stats(set_pixels(masks, labels), batch, max_components)
-        return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
-    labels = np.zeros(masks.shape, np.int32)
-    counts = np.zeros(batch, np.int32)
-    stats = np.zeros((batch, max_components, 5), np.int32)
-    for i, mask in enumerate(masks.view(np.uint8)):
-        found, _, cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-            mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
-        )
-        kept = cv_stats[1 : max_components + 1]  # row 0 is the background
-        left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
-        right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
-        bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
-        area = kept[:, cv2.CC_STAT_AREA]
-        stats[i, : len(kept)] = np.stack([left, top, right, bottom, area], -1)
-        counts[i] = found - 1
-    return labels, counts, stats, np.maximum(counts - max_components, 0).astype(np.int32)
+    else:
+        labels = np.zeros(masks.shape, np.int32)
+        counts = np.zeros(batch, np.int32)
+        stats = np.zeros((batch, max_components, 5), np.int32)
+        for i, mask in enumerate(masks.view(np.uint8)):
+            found, _, cv_stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+                mask, connectivity, cv2.CV_32S, cv2.CCL_SAUF, labels=labels[i]
+            )
+            kept = cv_stats[1 : max_components + 1]  # row 0 is the background
+            left, top = kept[:, cv2.CC_STAT_LEFT], kept[:, cv2.CC_STAT_TOP]
+            right = left + kept[:, cv2.CC_STAT_WIDTH] - 1
+            bottom = top + kept[:, cv2.CC_STAT_HEIGHT] - 1
+            area = kept[:, cv2.CC_STAT_AREA]
+            stats[i, : len(kept)] = np.stack([left, top, right, bottom, area], -1)
+            counts[i] = found - 1
+    return labels, counts, stats, overflow_of(counts, max_components)
+
+
+def overflow_of(counts: np.ndarray, max_components: int) -> np.ndarray:
+    """Components beyond the first ``max_components`` per image, of their ``counts [B]``."""
+    return np.maximum(counts - max_components, 0).astype(np.int32)
 
 
 def opencv_labels(masks: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
