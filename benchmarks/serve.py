@@ -51,11 +51,9 @@ from cheapnet_jax.bench import (  # noqa: E402
     time_call,
     write_json,
 )
-from cheapnet_jax.calibration import Setting  # noqa: E402
-from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint  # noqa: E402
 from cheapnet_jax.data import decode_image  # noqa: E402
 from cheapnet_jax.evaluation import compiled_batch_size  # noqa: E402
-from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
+from cheapnet_jax.inspection import Inspector  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SAMPLES = SHARED / "dagm-samples" / "Class6" / "Train"
@@ -108,21 +106,16 @@ def in_process_figures(path: Path, payloads: dict[str, list[bytes]], max_batch: 
     """The in-process detector (`Inspector.inspect_batch`): each image's defects, images/s on
     batches of ``max_batch`` decoded images and on the files of each format decoded as the
     service decodes them (`decode`), and the seconds of a batch of each compiled size."""
-    loaded = load_checkpoint(path)
-    defaults = {"threshold": Setting(0.5, "default"), "min_area": Setting(0, "default")}
     inspector, one_program = (
-        Inspector(
-            path,
-            loaded,
-            AUTHORS_NORMALIZATION,
-            defaults,
-            InspectorOptions(max_batch=max_batch, labels_on_host=on_host),
-        )
-        for on_host in (None, False)  # the service's default form, predict.py's one program
+        Inspector.load(path, calibration=False, batch_size=max_batch, labels_on_host=on_host)
+        for on_host in (None, False)  # the service's default form, the one program
     )
 
     pixels = [decode(p) for p in payloads["png"]]
-    expected = [inspector.inspect_batch(0, [image], 0.5, 0)[0].defects for image in pixels]
+    expected = [
+        [d.as_dict() for d in inspector.inspect_batch(0, [image], 0.5, 0)[0].defects]
+        for image in pixels
+    ]
     batch_seconds = {}
     for size in sorted({compiled_batch_size(n, max_batch) for n in range(1, max_batch + 1)}):
         batch = (pixels * size)[:size]

@@ -320,11 +320,3 @@ def calibration_path(checkpoint: str | os.PathLike) -> Path:
     if path.is_dir():
         return path / "calibration.json"
     return path.with_name(path.name + ".calibration.json")
-
-
-def resolve_normalization(flag: tuple[float, float] | None, loaded: LoadedModel) -> Normalization:
-    """``--normalization`` first, then the checkpoint's own statistics, then the authors'
-    Class-6 values."""
-    if flag is not None:
-        return Normalization(*flag)
-    return loaded.normalization or AUTHORS_NORMALIZATION

@@ -270,10 +270,19 @@ def check_image_size(path: str | os.PathLike, shape: tuple[int, ...]) -> None:
         )
 
 
+class ConvertedImageWarning(UserWarning):
+    """A colour or palette image was converted to grayscale to be read."""
+
+
 def read_sample(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
     """``(image uint8 [H, W], mask bool [H, W])``; a defect-free sample has an all-false mask.
-    H and W are multiples of 16 unless the sample is ``any_size`` (the caller pads)."""
-    image = read_grayscale_png(sample.image_path)
+    H and W are multiples of 16 unless the sample is ``any_size`` (the caller pads).
+
+    A colour or palette image is converted to grayscale with a `ConvertedImageWarning`, as
+    predict.py and the service convert it (one rule for every tool); 16-bit is refused."""
+    image, converted = load_image(sample.image_path, convert_to_grayscale=True)
+    if converted:
+        warnings.warn(f"{sample.image_path}: {converted}", ConvertedImageWarning, stacklevel=2)
     if not sample.any_size:
         check_image_size(sample.image_path, image.shape)
     if sample.label_path is None:

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics, tfds_data
 from cheapnet_jax.calibration import CalibrationData
-from cheapnet_jax.checkpoints import (
-    AUTHORS_NORMALIZATION,
-    Normalization,
-)
-from cheapnet_jax.detection import Detections, make_detector
+from cheapnet_jax.inspection import Inspector, Result, compiled_batch_size, pad_batch
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
-from cheapnet_jax.model import CheapNet, is_valid_size
+from cheapnet_jax.model import SIZE_MULTIPLE
 
 # Activation budget used to pick a batch size: one [B, H, W, G] float32 map of about 256 MiB.
 _ACTIVATION_BUDGET_BYTES = 256 * 2**20
@@ -30,21 +24,6 @@ def default_batch_size(features: int, height: int = 512, width: int = 512) -> in
     """A batch size that keeps one activation map near 256 MiB (1 for G >= 256 at 512x512)."""
     per_image = features * height * width * 4
     return int(max(1, min(16, _ACTIVATION_BUDGET_BYTES // per_image)))
-
-
-def compiled_batch_size(count: int, batch_size: int) -> int:
-    """The batch a chunk of ``count`` images runs as: the smallest power of two >= count,
-    at most ``batch_size``. A short last batch then costs about its own size instead of a
-    full batch of blank images, with at most log2(batch_size) + 1 compiled shapes."""
-    return min(batch_size, 1 << max(0, count - 1).bit_length())
-
-
-def pad_batch(array: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pad axis 0 to ``batch_size`` with zeros, so that batches share compiled shapes."""
-    missing = batch_size - array.shape[0]
-    if missing <= 0:
-        return array
-    return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)])
 
 
 def _first(batch_tree, count: int):
@@ -93,29 +72,29 @@ class Tally:
 
     def add(
         self,
-        found: Detections,
+        results: list[Result],
         truth: ComponentStats,
         masks: np.ndarray,
         classes: list[int] | None = None,
     ) -> None:
-        """Add a batch (numpy arrays, padding removed): detections, label components, labels,
-        and the images' DAGM classes (for the per-class image-level table)."""
+        """Add a batch: the inspector's results (with masks and probabilities), the label
+        components and labels (numpy, padding removed), and the images' DAGM classes (for the
+        per-class image-level table)."""
+        found_masks = np.stack([result.mask for result in results])
         self.counts = self.counts + metrics.counts_from_array(
-            metrics.confusion_counts(found.masks, masks)
+            metrics.confusion_counts(found_masks, masks)
         )
-        self.left_out += int(found.overflow.sum()) + int(truth.overflow.sum())
-        for i, mask in enumerate(masks):
+        self.left_out += sum(r.components_left_out for r in results) + int(truth.overflow.sum())
+        for i, (mask, result) in enumerate(zip(masks, results, strict=True)):
             truth_box = metrics.mask_bounding_box(mask)
-            found_box = metrics.mask_bounding_box(found.masks[i])
+            found_box = metrics.mask_bounding_box(result.mask)
             self.paper_truth.append([truth_box] if truth_box else [])
             self.paper_found.append([(found_box, 1.0)] if found_box else [])
             self.component_truth.append(_boxes(truth.stats[i], truth.valid[i]))
-            boxes = _boxes(found.stats[i], found.valid[i])
-            scores = found.scores[i][found.valid[i]]
-            self.component_found.append(list(zip(boxes, scores, strict=True)))
-            self.image_scores.append(float(found.probabilities[i].max()))
+            self.component_found.append([(d.box, d.score) for d in result.defects])
+            self.image_scores.append(float(result.probabilities.max()))
             self.image_defective.append(bool(mask.any()))
-            self.image_rejected.append(bool(found.valid[i].any()))
+            self.image_rejected.append(bool(result.defects))
             self.image_classes.append(classes[i] if classes is not None else 0)
 
     def figures(self) -> dict:
@@ -158,41 +137,28 @@ class Tally:
 
 
 def evaluate_folder(
-    model: CheapNet,
-    variables: Mapping,
+    inspector: Inspector,
     folder: str | os.PathLike | list[data.DagmSample] | tfds_data.RecordSplit,
     *,
-    normalization: Normalization = AUTHORS_NORMALIZATION,
-    threshold: float = 0.5,
     batch_size: int | None = None,
-    max_components: int = 256,
     progress: bool = True,
-    dtype: str = "float32",
     calibration: CalibrationData | None = None,
 ) -> dict:
-    """Segmentation and detection figures (see `Tally`) over every image of a DAGM folder or
-    a plain ``images/`` + ``masks/`` one (`data.list_samples`; images of any size are padded to
-    a multiple of 16 and their probabilities cropped back, as `predict.py` does), of a list
-    of samples, or of a TFDS split (`tfds_data.RecordSplit`).
+    """Segmentation and detection figures (see `Tally`) of ``inspector``'s answers (its
+    threshold, min_area, normalisation and dtype: what predict.py answers) over every image
+    of a DAGM folder or a plain ``images/`` + ``masks/`` one (`data.list_samples`; images of
+    any size), of a list of samples, or of a TFDS split (`tfds_data.RecordSplit`).
 
-    Segmentation: one confusion matrix summed over all images (prediction: p > threshold).
-    The images go to the device as uint8 and are normalised there; the network runs in
-    ``dtype`` (`detection.INFERENCE_DTYPES`). With ``calibration``, each image's probabilities
-    are also measured for threshold calibration (`cheapnet_jax.calibration`).
+    Segmentation: one confusion matrix summed over all images. ``batch_size`` images are read
+    at a time (default: the inspector's batch size). With ``calibration``, each image's
+    probabilities are also measured for threshold calibration (`cheapnet_jax.calibration`).
     """
     if isinstance(folder, tfds_data.RecordSplit):
         samples = folder
     else:
         samples = folder if isinstance(folder, list) else data.list_samples(folder)
-    if batch_size is None:
-        batch_size = default_batch_size(model.features)
-    detector = make_detector(
-        model,
-        threshold=threshold,
-        max_components=max_components,
-        dtype=dtype,
-        normalization=(normalization.mean, normalization.std),
-    )
+    batch_size = batch_size or inspector.options.batch_size
+    max_components = inspector.options.max_components
     truth_of = jax.jit(lambda masks: ground_truth_components(masks, max_components))
     tally = Tally()
     if isinstance(samples, tfds_data.RecordSplit):
@@ -206,18 +172,15 @@ def evaluate_folder(
             batches, total=total_batches, desc="evaluate", unit="batch", disable=not progress
         ):
             n = len(chunk)
+            results = inspector.inspect(images, keep_masks=True, keep_probabilities=True)
             padded = compiled_batch_size(n, batch_size)
-            crop = None
-            if not is_valid_size(*images.shape[1:]):  # the plain layout's any-size images
-                crop = images.shape[1:]
-                images = np.stack([data.pad_to_multiple(image) for image in images])
-            x = jnp.asarray(pad_batch(images, padded))
-            found = _first(detector(variables, x, crop=crop), n)
             truth = _first(truth_of(pad_batch(masks, padded)), n)
-            tally.add(found, truth, masks, [sample.class_id for sample in chunk])
+            tally.add(results, truth, masks, [sample.class_id for sample in chunk])
             if calibration is not None:
-                calibration.add(found.probabilities, masks)
-            evaluated, image_size = evaluated + n, list(images.shape[1:3])
+                calibration.add(np.stack([r.probabilities for r in results]), masks)
+            # the size the network ran at (padded to a multiple of 16): for the GFLOPs
+            image_size = [-(-side // SIZE_MULTIPLE) * SIZE_MULTIPLE for side in images.shape[1:3]]
+            evaluated += n
     except data.DataError as err:
         partial = (
             {**tally.figures(), "images": evaluated, "image_size": image_size}

@@ -36,11 +36,11 @@ from cheapnet_jax import data
 from cheapnet_jax.checkpoints import load_checkpoint
 from cheapnet_jax.detection import (
     detections_from_probabilities,
-    make_detector,
     network_probabilities,
 )
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import write_atomic
+from cheapnet_jax.inspection import Inspector
 from cheapnet_jax.model import (
     BN_EPSILON,
     LEAKY_SLOPE,
@@ -225,34 +225,37 @@ def load_stablehlo_pipeline(path: str | os.PathLike) -> Callable[[np.ndarray], d
 
 
 def pipeline_parity(
-    run_artifact: Callable[[np.ndarray], dict],
-    detector: Callable,
-    variables: Mapping,
-    images: np.ndarray,
+    run_artifact: Callable[[np.ndarray], dict], inspector: Inspector, images: np.ndarray
 ) -> dict:
-    """The artifact against the JAX pipeline (a `make_detector` with the same settings) on
-    uint8 ``images [N, H, W]``: per image whether the defects (boxes, areas, validity) are
-    equal, the largest score difference, and the fraction of equal mask pixels."""
-    height, width = images.shape[1:]
+    """The artifact against the `Inspector` with the same settings (what predict.py and the
+    service answer) on uint8 ``images [N, H, W]``: per image whether the defects (boxes,
+    areas) are equal, the largest score difference, and the fraction of equal mask pixels."""
+    expected = inspector.inspect(images, keep_masks=True)
     rows = []
-    for index, image in enumerate(images):
+    for index, (image, want) in enumerate(zip(images, expected, strict=True)):
         got = jax.device_get(run_artifact(image[None]))
-        padded = data.pad_to_multiple(image)[None]  # predict.py's own padding, on the host
-        want = jax.device_get(detector(variables, jnp.asarray(padded), crop=(height, width)))
-        valid = want.valid[0]
+        valid = got["valid"][0]
+        found = [
+            (tuple(int(v) for v in box), int(area), float(score))
+            for box, area, score in zip(
+                got["boxes"][0][valid],
+                got["areas"][0][valid],
+                got["scores"][0][valid],
+                strict=True,
+            )
+        ]
+        same = [(box, area) for box, area, _ in found] == [(d.box, d.area) for d in want.defects]
         rows.append(
             {
                 "image": index,
-                "defects": int(valid.sum()),
-                "same_defects": bool(
-                    np.array_equal(got["valid"][0], valid)
-                    and np.array_equal(got["boxes"][0][valid], want.stats[0][valid, :4])
-                    and np.array_equal(got["areas"][0][valid], want.stats[0][valid, 4])
+                "defects": len(want.defects),
+                "same_defects": same,
+                # the inspector's scores are rounded to 6 digits, as predict.py writes them
+                "max_score_difference": max(
+                    (abs(f[2] - d.score) for f, d in zip(found, want.defects, strict=False)),
+                    default=0.0,
                 ),
-                "max_score_difference": float(
-                    np.max(np.abs(got["scores"][0] - want.scores[0]), initial=0.0)
-                ),
-                "mask_agreement": float(np.mean(got["masks"][0] == want.masks[0])),
+                "mask_agreement": float(np.mean(got["masks"][0] == want.mask)),
             }
         )
     return {"images": rows, "all_same_defects": all(r["same_defects"] for r in rows)}
@@ -300,31 +303,40 @@ def parity_images(
     return images, f"{count} synthetic test images (cheapnet_jax.synthetic)"
 
 
+def pipeline_settings(inspector: Inspector, height: int, width: int) -> PipelineSettings:
+    """What a pipeline artifact of ``inspector`` for ``height x width`` images bakes in: the
+    inspector's normalisation, threshold, min_area and max_components."""
+    return PipelineSettings(
+        height=height,
+        width=width,
+        mean=inspector.normalization.mean,
+        std=inspector.normalization.std,
+        threshold=inspector.threshold,
+        min_area=inspector.min_area,
+        max_components=inspector.options.max_components,
+    )
+
+
 def export_pipeline(
-    checkpoint: str,
+    inspector: Inspector,
     out: str,
-    settings: PipelineSettings,
+    height: int,
+    width: int,
     *,
     platforms: tuple[str, ...] | None = None,
     parity_paths: list[str] = (),
 ) -> tuple[Path, dict]:
-    """Write the pipeline artifact of ``checkpoint`` to ``out`` and its parity report to
-    ``<out>.parity.json``; returns the artifact's path and the report."""
-    loaded = load_checkpoint(checkpoint)
-    images, origin = parity_images(list(parity_paths), settings.height, settings.width)
+    """Write the pipeline artifact of ``inspector``'s model and settings for ``height x
+    width`` images to ``out`` and its parity report to ``<out>.parity.json``; returns the
+    artifact's path and the report."""
+    loaded = inspector.loaded
+    settings = pipeline_settings(inspector, height, width)
+    images, origin = parity_images(list(parity_paths), height, width)
     function = jax.jit(pipeline_function(loaded.model, loaded.variables, settings))
     (batch,) = jax.export.symbolic_shape("batch")
-    spec = jax.ShapeDtypeStruct((batch, settings.height, settings.width), jnp.uint8)
+    spec = jax.ShapeDtypeStruct((batch, height, width), jnp.uint8)
     artifact = bytes(jax.export.export(function, platforms=platforms)(spec).serialize())
     reloaded = jax.export.deserialize(bytearray(artifact))
-    detector = make_detector(
-        loaded.model,
-        threshold=settings.threshold,
-        max_components=settings.max_components,
-        min_area=settings.min_area,
-        connectivity=settings.connectivity,
-        normalization=(settings.mean, settings.std),
-    )
     report = {
         "artifact": Path(out).name,
         "checkpoint": loaded.source,
@@ -334,7 +346,7 @@ def export_pipeline(
         "parity_images": origin,
     }
     if jax.default_backend() in reloaded.platforms:
-        report |= pipeline_parity(reloaded.call, detector, loaded.variables, images)
+        report |= pipeline_parity(reloaded.call, inspector, images)
     else:
         report["all_same_defects"] = None  # not runnable here: checked where it runs
     out_path = Path(out)

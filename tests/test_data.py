@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from cheapnet_jax.data import (
+    ConvertedImageWarning,
     DataError,
     iterate_batches,
     list_dagm_samples,
@@ -84,8 +85,18 @@ def test_corrupt_png(folder):
         read_sample(list_dagm_samples(folder)[0])
 
 
-def test_rgb_png_is_rejected(folder):
-    Image.new("RGB", (32, 32)).save(folder / "0001.PNG")
+def test_an_rgb_training_image_is_converted_as_predict_converts_it(folder):
+    """One rule for colour input across the tools: training reads a colour image as Pillow's
+    grayscale conversion (the one predict.py and the service apply), with a warning naming
+    the file; a mask (a label) is never converted."""
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "0001.PNG")
+    sample = list_dagm_samples(folder)[0]
+    with pytest.warns(ConvertedImageWarning, match=r"0001\.PNG: converted from mode 'RGB'"):
+        image, _ = read_sample(sample)
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(image, expected)
+    assert not np.array_equal(image, rgb[..., 0])
     with pytest.raises(DataError, match=r"0001\.PNG: image mode 'RGB' \(colour\)"):
         read_grayscale_png(folder / "0001.PNG")
 

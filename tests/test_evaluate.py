@@ -11,8 +11,10 @@ import pytest
 from conftest import checkpoint_path, run_tool
 
 from cheapnet_jax import CheapNet
+from cheapnet_jax.checkpoints import LoadedModel
 from cheapnet_jax.evaluation import evaluate_folder
 from cheapnet_jax.flops import paper_gflops, xla_gflops
+from cheapnet_jax.inspection import Inspector, InspectorOptions
 from cheapnet_jax.model import init_variables
 from cheapnet_jax.synthetic import write_dagm_folder
 
@@ -115,7 +117,8 @@ def test_a_corrupt_image_midway_keeps_the_figures_of_the_images_before_it(tmp_pa
     first_ten = write_dagm_folder(tmp_path / "ten", count=10, size=32, seed=3)
     model = CheapNet(2)
     variables = init_variables(model, jax.random.key(0))  # evaluate.py's untrained model
-    expected = evaluate_folder(model, variables, first_ten, batch_size=2, progress=False)
+    inspector = Inspector(LoadedModel(model, variables, "untrained"), options=InspectorOptions(2))
+    expected = evaluate_folder(inspector, first_ten, progress=False)
     assert partial["confusion"] == expected["confusion"]
     assert partial["map_component"] == pytest.approx(expected["map_component"])
 

@@ -11,10 +11,12 @@ import pytest
 from conftest import run_tool
 
 from cheapnet_jax import load_torch_checkpoint
-from cheapnet_jax.checkpoints import Normalization
+from cheapnet_jax.calibration import Setting
+from cheapnet_jax.checkpoints import LoadedModel, Normalization
 from cheapnet_jax.cli.evaluate import format_table
 from cheapnet_jax.data import list_dagm_samples, normalize, read_sample
 from cheapnet_jax.evaluation import evaluate_folder
+from cheapnet_jax.inspection import Inspector
 from cheapnet_jax.metrics import average_precision, image_level_metrics, roc_auc
 from cheapnet_jax.synthetic import write_dagm_folder
 
@@ -91,9 +93,9 @@ def test_per_class_figures_when_several_classes_are_evaluated(tmp_path):
             defect_free=3,
         )  # fmt: skip
         samples += list_dagm_samples(folder)
-    figures = evaluate_folder(
-        model, variables, samples, normalization=Normalization(0.4, 0.3), progress=False
-    )
+    normalization = Setting(Normalization(0.4, 0.3), "given")
+    inspector = Inspector(LoadedModel(model, variables, "random"), {"normalization": normalization})
+    figures = evaluate_folder(inspector, samples, progress=False)
     images = np.stack([read_sample(s)[0] for s in samples])
     scores = probabilities_nhwc(reference, normalize(images, 0.4, 0.3)).max(axis=(1, 2))
     defective = np.array([s.label_path is not None for s in samples])

@@ -210,7 +210,7 @@ def test_labels_on_the_host_write_what_the_one_program_writes(tmp_path):
     up to its compiled size), and the same overlays, byte for byte."""
     pytest.importorskip("cv2", reason="labels on the host need OpenCV")
     pytest.importorskip("torch", reason="writing a .pkl checkpoint needs torch")
-    from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION, load_checkpoint
+    from cheapnet_jax.inspection import Inspector
     from cheapnet_jax.model import CheapNet, init_variables
     from cheapnet_jax.prediction import PredictOptions, predict_files
     from cheapnet_jax.torch_import import save_torch_checkpoint
@@ -228,12 +228,8 @@ def test_labels_on_the_host_write_what_the_one_program_writes(tmp_path):
     written = {}
     for on_host in (True, False):
         out = tmp_path / f"out-{on_host}"
-        options = PredictOptions(
-            threshold=0.6, batch_size=2, progress=False, labels_on_host=on_host
-        )
-        counts = predict_files(
-            load_checkpoint(checkpoint), paths, out, AUTHORS_NORMALIZATION, options
-        )
+        inspector = Inspector.load(checkpoint, threshold=0.6, batch_size=2, labels_on_host=on_host)
+        counts = predict_files(inspector, paths, out, PredictOptions(progress=False))
         assert counts == {"images": 5, "failed": 1, "skipped": 0}
         overlays = {p.name: p.read_bytes() for p in (out / "overlays").iterdir()}
         written[on_host] = ((out / "defects.jsonl").read_text().splitlines(), overlays)

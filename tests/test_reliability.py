@@ -15,8 +15,8 @@ import pytest
 from conftest import run_tool, small_config
 from PIL import Image
 
-from cheapnet_jax.evaluation import compiled_batch_size
 from cheapnet_jax.files import exclusive_lock
+from cheapnet_jax.inspection import compiled_batch_size
 from cheapnet_jax.training import train_and_evaluate
 
 

@@ -29,16 +29,15 @@ from scipy import ndimage
 pytest.importorskip("fastapi", reason="the service needs the 'serve' extra")
 httpx = pytest.importorskip("httpx", reason="the service's tests need httpx")
 
-from cheapnet_jax.calibration import resolve_settings  # noqa: E402
-from cheapnet_jax.checkpoints import calibration_path, load_checkpoint, resolve_normalization  # noqa: E402
+from cheapnet_jax.checkpoints import calibration_path  # noqa: E402
 from cheapnet_jax.detection import LABELS_ON_HOST_UP_TO  # noqa: E402
+from cheapnet_jax.inspection import Inspector  # noqa: E402
 from cheapnet_jax.labeling import opencv_available  # noqa: E402
 from cheapnet_jax.model import CheapNet, init_variables  # noqa: E402
 from cheapnet_jax.prediction import PredictOptions, predict_files, read_records  # noqa: E402
 from cheapnet_jax.serve import app as app_module  # noqa: E402
 from cheapnet_jax.serve.app import ServiceOptions, create_app  # noqa: E402
 from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError  # noqa: E402
-from cheapnet_jax.serve.inspector import Inspector, InspectorOptions  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Dynamic batching, with a fake device that records what it was given.
@@ -266,15 +265,13 @@ def random_checkpoint(folder: Path, seed: int = 0, features: int = 2) -> Path:
 def make_inspector(checkpoint, threshold=None, min_area=None, cls=Inspector, devices=1, **options):
     """The service's inspector of ``checkpoint`` on the first ``devices`` of this process's 8
     simulated CPU devices (each device compiles its own programs)."""
-    loaded = load_checkpoint(checkpoint)
-    defaults = resolve_settings(
-        {"threshold": threshold, "min_area": min_area},
-        {"threshold": 0.5, "min_area": 0},
-        calibration_path(checkpoint),
+    return cls.load(
+        checkpoint,
+        threshold=threshold,
+        min_area=min_area,
+        devices=jax.local_devices()[:devices],
+        **options,
     )
-    normalization = resolve_normalization(None, loaded)
-    options = InspectorOptions(**options)
-    return cls(checkpoint, loaded, normalization, defaults, options, jax.local_devices()[:devices])
 
 
 def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
@@ -306,7 +303,7 @@ def test_the_service_answers_what_predict_answers_on_the_real_samples(samples_fo
     calibration_path(checkpoint).write_text(json.dumps({"threshold": 0.6, "min_area": 3}))
     images = sorted(samples_folder.glob("*.PNG"))
     assert len(images) == 10
-    inspector = make_inspector(checkpoint, max_batch=4, devices=2)  # a batch per device
+    inspector = make_inspector(checkpoint, batch_size=4, devices=2)  # a batch per device
     app = create_app(inspector, ServiceOptions(warm=((512, 512),), max_wait_ms=50))
 
     async def scenario(client):
@@ -325,8 +322,8 @@ def test_the_service_answers_what_predict_answers_on_the_real_samples(samples_fo
     default, chosen = serve(app, scenario)
     for answers, threshold, min_area in ((default, 0.6, 3), (chosen, 0.8, 40)):
         out = tmp_path / f"predict-{threshold}"
-        options = PredictOptions(threshold=threshold, min_area=min_area, progress=False)
-        predict_files(load_checkpoint(checkpoint), images, out, inspector.normalization, options)
+        predicting = Inspector.load(checkpoint, threshold=threshold, min_area=min_area)
+        predict_files(predicting, images, out, PredictOptions(progress=False))
         records = {Path(r["file"]).name: r for r in read_records(out)}
         for path, answer in zip(images, answers, strict=True):
             record = records[path.name]
@@ -422,7 +419,7 @@ def bad_requests() -> list[tuple[str, dict, int, str]]:
 
 
 def test_bad_input_gets_a_4xx_naming_it_and_the_next_request_is_served(random_pkl):
-    inspector = make_inspector(random_pkl, max_batch=2)
+    inspector = make_inspector(random_pkl, batch_size=2)
     options = ServiceOptions(warm=((32, 32),), max_body_bytes=4000, max_image_pixels=4096)
     app = create_app(inspector, options)
     good = png_bytes(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8))
@@ -511,8 +508,8 @@ def test_the_inspector_labels_on_the_host_what_the_detector_labels(random_pkl):
     rng = np.random.default_rng(3)
     smooth = ndimage.gaussian_filter(rng.random((3, 40, 57)) * 255, (0, 1.5, 1.5))
     images = list(smooth.astype(np.uint8))
-    on_host = make_inspector(random_pkl, max_batch=4, max_components=4)
-    one_program = make_inspector(random_pkl, max_batch=4, max_components=4, labels_on_host=False)
+    on_host = make_inspector(random_pkl, batch_size=4, max_components=4)
+    one_program = make_inspector(random_pkl, batch_size=4, max_components=4, labels_on_host=False)
     for threshold, min_area in ((0.5, 0), (0.6, 4)):
         found = on_host.inspect_batch(0, images, threshold, min_area, keep_masks=True)
         expected = one_program.inspect_batch(0, images, threshold, min_area, keep_masks=True)
@@ -534,7 +531,7 @@ class HeldInspector(Inspector):
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(random_pkl):
-    inspector = make_inspector(random_pkl, cls=HeldInspector, max_batch=1)
+    inspector = make_inspector(random_pkl, cls=HeldInspector, batch_size=1)
     app = create_app(inspector, ServiceOptions(warm=(), max_queue=2, max_wait_ms=0))
     image = png_bytes(np.zeros((16, 16), np.uint8))
     HeldInspector.release.clear()
@@ -576,7 +573,7 @@ def test_a_request_failing_before_it_is_queued_leaves_no_one_waiting_for_it(rand
     """A request that fails after its announcement and before `submit` withdraws it: the next
     lone request leaves at once (early dispatch) instead of waiting out the 10 s max_wait for a
     request that will never come."""
-    inspector = make_inspector(random_pkl, cls=FailingKeyInspector, max_batch=4)
+    inspector = make_inspector(random_pkl, cls=FailingKeyInspector, batch_size=4)
     app = create_app(inspector, ServiceOptions(warm=((16, 16),), max_wait_ms=10_000))
     png = {"content-type": "image/png"}
 
@@ -597,7 +594,7 @@ def test_a_request_failing_before_it_is_queued_leaves_no_one_waiting_for_it(rand
 
 
 def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
-    from cheapnet_jax.serve.inspector import weights_digest
+    from cheapnet_jax.inspection import weights_digest
     from cheapnet_jax.torch_import import load_torch_checkpoint, save_torch_checkpoint
 
     _, variables = load_torch_checkpoint(random_pkl)
@@ -678,7 +675,7 @@ sys.path.insert(0, sys.argv[2])
 from test_serve import make_inspector
 
 assert len(jax.local_devices()) == 2
-inspector = make_inspector(sys.argv[1], devices=2, max_batch=8, labels_on_host=sys.argv[3] == "1")
+inspector = make_inspector(sys.argv[1], devices=2, batch_size=8, labels_on_host=sys.argv[3] == "1")
 rng = np.random.default_rng(0)
 images = [rng.integers(0, 256, (128, 128), dtype=np.uint8) for _ in range(8)]
 serial = [[i.defects for i in inspector.inspect_batch(d, images, 0.5, 0)] for d in (0, 1)]

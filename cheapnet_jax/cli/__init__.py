@@ -41,8 +41,51 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
         return 1
 
 
+COMMANDS = ("train", "evaluate", "predict", "export", "serve", "synthetic")
+"""The commands: ``cheapnet-NAME``, also ``python -m cheapnet_jax.cli.NAME``."""
+
+_COMMAND_OF_MODULE = {
+    "cheapnet_jax.training": "train",
+    "cheapnet_jax.evaluation": "evaluate",
+    "cheapnet_jax.prediction": "predict",
+    "cheapnet_jax.export": "export",
+    "cheapnet_jax.synthetic": "synthetic",
+    "cheapnet_jax.serve.app": "serve",
+}
+
+
+def library_module_run(orig_argv: list[str]) -> str | None:
+    """The one-line refusal of ``python -m cheapnet_jax.<a library module>`` in ``orig_argv``
+    (`sys.orig_argv`), None for any other command line. Such a module only defines things:
+    run, it would import and exit 0 having done nothing, which a script would take for
+    success."""
+    for index, arg in enumerate(orig_argv[1:], 1):
+        if arg == "-m" or (arg.startswith("-m") and len(arg) > 2):
+            module = orig_argv[index + 1] if arg == "-m" and index + 1 < len(orig_argv) else ""
+            module = module or arg[2:]
+            break
+        if not arg.startswith("-") or arg == "-c":
+            return None  # a script or -c: not a module run
+    else:
+        return None
+    runnable = {f"cheapnet_jax.cli.{name}" for name in COMMANDS} | {"cheapnet_jax.serve"}
+    if not module.startswith("cheapnet_jax.") or module in runnable:
+        return None
+    command = _COMMAND_OF_MODULE.get(module)
+    if command is not None:
+        return (
+            f"error: python -m {module}: a library module, not a command; run "
+            f"cheapnet-{command} (or python -m cheapnet_jax.cli.{command})"
+        )
+    names = ", ".join(f"cheapnet-{name}" for name in COMMANDS)
+    return (
+        f"error: python -m {module}: a library module, not a command; the commands are "
+        f"{names} (or python -m cheapnet_jax.cli.NAME)"
+    )
+
+
 def add_calibrated_settings(add: Callable, threshold: float, min_area: int) -> None:
-    """``--threshold``, ``--min-area`` (None until `detection_settings` resolves them) and
+    """``--threshold``, ``--min-area`` (None: resolved by `Inspector.load`) and
     ``--no-calibration``, with ``add`` a parser's or a group's ``add_argument``."""
     add(
         "--threshold",
@@ -64,42 +107,57 @@ def add_calibrated_settings(add: Callable, threshold: float, min_area: int) -> N
     )
 
 
-def detection_settings(args: argparse.Namespace, threshold: float, min_area: int) -> dict:
-    """``args.threshold`` and ``args.min_area`` as `calibration.Setting`s: as given, else from
-    the calibration of ``args.checkpoint`` (unless ``args.use_calibration`` is false), else
-    ``threshold`` and ``min_area`` (`calibration.resolve_settings`)."""
-    from cheapnet_jax.calibration import resolve_settings
-    from cheapnet_jax.checkpoints import calibration_path
+def load_inspector(args: argparse.Namespace):
+    """The `Inspector` of ``args.checkpoint`` with the flags' settings (``threshold``,
+    ``min_area``, ``normalization``, ``use_calibration``, ``impl``) and options (every field of
+    `InspectorOptions` that ``args`` holds)."""
+    import dataclasses
 
-    return resolve_settings(
-        {"threshold": args.threshold, "min_area": args.min_area},
-        {"threshold": threshold, "min_area": min_area},
-        calibration_path(args.checkpoint) if args.use_calibration else None,
+    from cheapnet_jax.inspection import Inspector, InspectorOptions
+
+    fields = [f.name for f in dataclasses.fields(InspectorOptions)]
+    return Inspector.load(
+        args.checkpoint,
+        threshold=args.threshold,
+        min_area=args.min_area,
+        normalization=args.normalization,
+        calibration=args.use_calibration,
+        impl=args.impl,
+        **{name: getattr(args, name) for name in fields if hasattr(args, name)},
     )
 
 
-def resolve_thresholds(args: argparse.Namespace, threshold: float, min_area: int) -> str:
-    """Fill in ``args.threshold`` and ``args.min_area`` left unset (None) by
-    `detection_settings`; returns a line saying where each came from."""
+def settings_line(inspector) -> str:
+    """``using threshold 0.5 (default), min area 12 (calibration runs/x/calibration.json)``:
+    the inspector's detection settings and where each came from, in the flags' words."""
     from cheapnet_jax.checkpoints import calibration_path
 
-    settings = detection_settings(args, threshold, min_area)
     flags = {"threshold": "--threshold", "min_area": "--min-area"}
     origins = []
-    for name, setting in settings.items():
-        setattr(args, name, setting.value)
+    for name in flags:
+        setting = inspector.settings[name]
         origin = {
             "given": flags[name],
-            "calibration": f"calibration {calibration_path(args.checkpoint)}",
+            "calibration": f"calibration {calibration_path(inspector.checkpoint)}",
         }.get(setting.origin, setting.origin)
         origins.append(f"{name.replace('_', ' ')} {setting.value} ({origin})")
     return "using " + ", ".join(origins)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, except a switch's: ``--no-overlays  skip the overlay
+    PNGs (default: True)`` reads as if overlays were off by default (the True is the value of
+    ``overlays``, the flag's destination, when the switch is not given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        is_switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        return action.help if is_switch else super()._get_help_string(action)
+
+
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser whose help shows every flag's default."""
+    """An argument parser whose help shows every flag's default (a switch's is not given)."""
     return argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description, formatter_class=_DefaultsHelpFormatter
     )
 
 

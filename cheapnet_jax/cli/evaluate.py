@@ -22,19 +22,19 @@ from pathlib import Path
 import jax
 
 from cheapnet_jax import cli, data, tfds_data
-from cheapnet_jax.calibration import CalibrationData, calibrate, write_calibration
+from cheapnet_jax.calibration import CalibrationData, Setting, calibrate, write_calibration
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
     LoadedModel,
     calibration_path,
     load_checkpoint,
-    resolve_normalization,
 )
 from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.errors import SettingsError
-from cheapnet_jax.evaluation import EvaluationStopped, evaluate_folder
+from cheapnet_jax.evaluation import EvaluationStopped, default_batch_size, evaluate_folder
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.flops import count_params, paper_gflops, xla_gflops
+from cheapnet_jax.inspection import Inspector, InspectorOptions, normalization_setting
 from cheapnet_jax.model import VARIANTS, CheapNet, init_variables
 from cheapnet_jax.synthetic import protocol_defect_free, write_dagm_folder
 
@@ -143,7 +143,20 @@ def run_evaluation(request: EvaluationRequest) -> int:
     loaded = load_model(request)
     model, variables, source = loaded.model, loaded.variables, loaded.source
     calibration_data = CalibrationData() if request.calibrate else None
-    normalization = resolve_normalization(request.normalization, loaded)
+    # The figures of a fixed threshold and no minimum area, whatever the calibration.
+    inspector = Inspector(
+        loaded,
+        {
+            "threshold": Setting(request.threshold, "given"),
+            "min_area": Setting(0, "given"),
+            "normalization": normalization_setting(request.normalization, loaded),
+        },
+        InspectorOptions(
+            batch_size=request.batch_size or default_batch_size(model.features),
+            dtype=request.dtype,
+        ),
+    )
+    normalization = inspector.normalization
     with tempfile.TemporaryDirectory() as scratch:
         folder = request.data_source
         if folder == "validation":
@@ -163,15 +176,7 @@ def run_evaluation(request: EvaluationRequest) -> int:
         stopped = None
         try:
             results = evaluate_folder(
-                model,
-                variables,
-                folder,
-                normalization=normalization,
-                threshold=request.threshold,
-                batch_size=request.batch_size,
-                progress=request.progress,
-                dtype=request.dtype,
-                calibration=calibration_data,
+                inspector, folder, progress=request.progress, calibration=calibration_data
             )
         except EvaluationStopped as err:
             if err.partial is None:
@@ -361,3 +366,7 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status (see `cheapnet_jax.cli.run`)."""
     return cli.run(_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # python -m cheapnet_jax.cli.evaluate
+    sys.exit(main())

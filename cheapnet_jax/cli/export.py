@@ -17,13 +17,7 @@ from collections.abc import Callable
 
 from cheapnet_jax import cli
 from cheapnet_jax.errors import SettingsError
-from cheapnet_jax.export import (
-    FORMATS,
-    PipelineSettings,
-    export_checkpoint,
-    export_pipeline,
-    parity_path,
-)
+from cheapnet_jax.export import FORMATS, export_checkpoint, export_pipeline, parity_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the artifact will run, e.g. cpu,cuda (default: this machine's backend)",
     )
     add("--parity-images", nargs="+", default=[], help="images (HxW) to check the artifact on")
+    parser.set_defaults(impl="auto")
     return parser
 
 
@@ -78,21 +73,13 @@ def _main(argv: list[str]) -> int:
     if args.format != "stablehlo":
         raise SettingsError(f"--pipeline exports StableHLO only, not --format {args.format}")
     height, width = _image_size(parser, args.image_size, cli.image_shape)
-    print(cli.resolve_thresholds(args, threshold=0.5, min_area=0))
-    normalization = args.normalization or _checkpoint_normalization(args.checkpoint)
-    settings = PipelineSettings(
-        height=height,
-        width=width,
-        mean=normalization[0],
-        std=normalization[1],
-        threshold=args.threshold,
-        min_area=args.min_area,
-        max_components=args.max_components,
-    )
+    inspector = cli.load_inspector(args)
+    print(cli.settings_line(inspector))
     path, report = export_pipeline(
-        args.checkpoint,
+        inspector,
         args.out,
-        settings,
+        height,
+        width,
         platforms=args.platforms,
         parity_paths=args.parity_images,
     )
@@ -107,13 +94,6 @@ def _main(argv: list[str]) -> int:
         f"defects, scores within {worst:.2g}; report in {parity_path(path)}"
     )
     return 0 if report["all_same_defects"] else 1
-
-
-def _checkpoint_normalization(checkpoint: str) -> tuple[float, float]:
-    from cheapnet_jax.checkpoints import load_checkpoint, resolve_normalization
-
-    normalization = resolve_normalization(None, load_checkpoint(checkpoint))
-    return normalization.mean, normalization.std
 
 
 def main(argv: list[str] | None = None) -> int:

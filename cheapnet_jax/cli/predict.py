@@ -4,7 +4,7 @@
 
 INPUT: files, folders or globs of PNG/BMP/JPEG/TIFF images, any size. Exit status 0 when every
 file was read, 1 when some could not be (they are in the JSON with an ``error``). Every default
-comes from `PredictOptions`, whose field names are the flags' ``dest``.
+comes from `InspectorOptions` and `PredictOptions`, whose field names are the flags' ``dest``.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import dataclasses
 import sys
 
 from cheapnet_jax import cli, data
-from cheapnet_jax.checkpoints import (
-    AUTHORS_NORMALIZATION,
-    load_checkpoint,
-    resolve_normalization,
-)
+from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION
 from cheapnet_jax.detection import INFERENCE_DTYPES
+from cheapnet_jax.inspection import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, InspectorOptions
 from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
 from cheapnet_jax.tiling import DEFAULT_TILE
 
@@ -33,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
     add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
     add("--out", required=True, help="output folder")
-    cli.add_calibrated_settings(add, PredictOptions.threshold, PredictOptions.min_area)
+    cli.add_calibrated_settings(add, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
     add(
         "--max-components",
         type=cli.count,
@@ -66,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="read images of up to this many pixels (default: Pillow's decompression-bomb "
         "limit, about 179 million)",
     )
-    # threshold and min_area: None until resolved (see `cli.resolve_thresholds`)
-    parser.set_defaults(**{**dataclasses.asdict(PredictOptions()), "threshold": None})
-    parser.set_defaults(min_area=None)
+    parser.set_defaults(**dataclasses.asdict(InspectorOptions()))
+    parser.set_defaults(**dataclasses.asdict(PredictOptions()))
     return parser
 
 
@@ -76,13 +72,12 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.max_image_pixels is not None:
         data.allow_image_pixels(args.max_image_pixels)
-    loaded = load_checkpoint(args.checkpoint, args.impl)
-    print(cli.resolve_thresholds(args, PredictOptions.threshold, PredictOptions.min_area))
-    normalization = resolve_normalization(args.normalization, loaded)
+    inspector = cli.load_inspector(args)
+    print(cli.settings_line(inspector))
     paths = find_images(args.inputs)
     fields = dataclasses.fields(PredictOptions)
     options = PredictOptions(**{f.name: getattr(args, f.name) for f in fields})
-    counts = predict_files(loaded, paths, args.out, normalization, options)
+    counts = predict_files(inspector, paths, args.out, options)
     print(
         f"{counts['images']} images predicted, {counts['failed']} failed, "
         f"{counts['skipped']} skipped (already done); results in {args.out}/defects.json"
@@ -93,3 +88,7 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status (see `cheapnet_jax.cli.run`)."""
     return cli.run(_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # python -m cheapnet_jax.cli.predict
+    sys.exit(main())

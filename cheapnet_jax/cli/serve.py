@@ -16,9 +16,6 @@ from pathlib import Path
 from cheapnet_jax import cli
 from cheapnet_jax.errors import SettingsError
 
-DEFAULT_THRESHOLD, DEFAULT_MIN_AREA = 0.5, 0
-"""Without the flags and a calibration: predict.py's defaults."""
-
 
 def warm_sizes(text: str) -> tuple[tuple[int, int], ...]:
     """``512x512,256`` -> ((512, 512), (256, 256)); ``none`` for no warm-up."""
@@ -29,8 +26,8 @@ def warm_sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from cheapnet_jax.detection import INFERENCE_DTYPES
+    from cheapnet_jax.inspection import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, InspectorOptions
     from cheapnet_jax.serve.app import ServiceOptions
-    from cheapnet_jax.serve.inspector import InspectorOptions
 
     parser = cli.parser(
         "cheapnet-serve",
@@ -47,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.normalization,
         help="mean,std of pixel/255 (none: the checkpoint's own, else the authors')",
     )
-    add("--max-batch", type=cli.count, default=InspectorOptions.max_batch, help="images per call")
+    add(
+        "--max-batch",
+        dest="batch_size",
+        type=cli.count,
+        default=InspectorOptions.batch_size,
+        help="images per call",
+    )
     add(
         "--max-wait-ms",
         type=cli.finite,
@@ -113,28 +116,13 @@ def _read_token(path: str | None) -> str | None:
 def _main(argv: list[str]) -> int:
     import uvicorn
 
-    from cheapnet_jax.checkpoints import load_checkpoint, resolve_normalization
     from cheapnet_jax.serve.app import ServiceOptions, create_app
-    from cheapnet_jax.serve.inspector import Inspector, InspectorOptions
 
     args = build_parser().parse_args(argv)
     if args.max_wait_ms < 0:
         raise SettingsError(f"--max-wait-ms {args.max_wait_ms}: must be >= 0")
     token = _read_token(args.token_file)
-    loaded = load_checkpoint(args.checkpoint, args.impl)
-    defaults = cli.detection_settings(args, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
-    inspector = Inspector(
-        args.checkpoint,
-        loaded,
-        resolve_normalization(args.normalization, loaded),
-        defaults,
-        InspectorOptions(
-            max_batch=args.max_batch,
-            max_components=args.max_components,
-            dtype=args.dtype,
-            tile_above=args.tile_above,
-        ),
-    )
+    inspector = cli.load_inspector(args)
     app = create_app(
         inspector,
         ServiceOptions(
@@ -148,8 +136,14 @@ def _main(argv: list[str]) -> int:
             freeze_heap=True,
         ),
     )
-    settings = ", ".join(f"{name} {s.value} ({s.origin})" for name, s in defaults.items())
-    print(f"serving {loaded.source} on http://{args.host}:{args.port} ({settings})", flush=True)
+    settings = ", ".join(
+        f"{name} {inspector.settings[name].value} ({inspector.settings[name].origin})"
+        for name in ("threshold", "min_area")
+    )
+    print(
+        f"serving {inspector.loaded.source} on http://{args.host}:{args.port} ({settings})",
+        flush=True,
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     )
@@ -163,3 +157,7 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status (see `cheapnet_jax.cli.run`)."""
     return cli.run(_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # python -m cheapnet_jax.cli.serve
+    sys.exit(main())

@@ -3,13 +3,14 @@ images as a DAGM folder."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from cheapnet_jax import cli
 from cheapnet_jax.synthetic import write_dagm_folder
 
 
-def _main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("cheapnet-synthetic", "Write synthetic DAGM-like images as a DAGM folder.")
     add = parser.add_argument
     add("--out", required=True, help="folder to write (DAGM layout)")
@@ -18,7 +19,11 @@ def _main(argv: list[str]) -> int:
     add("--seed", type=int, default=0, help="what to draw")
     add("--class-id", type=int, default=0, help="first line of Labels.txt")
     add("--defect-free", type=cli.non_negative, default=0, help="images without a defect")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     folder = write_dagm_folder(
         args.out, args.count, args.size, args.seed, args.class_id, args.defect_free
     )

@@ -174,3 +174,7 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command's exit status (see `cheapnet_jax.cli.run`)."""
     return cli.run(_main, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":  # python -m cheapnet_jax.cli.train
+    sys.exit(main())

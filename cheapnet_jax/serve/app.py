@@ -44,9 +44,9 @@ from starlette.requests import ClientDisconnect
 from cheapnet_jax.calibration import read_calibration
 from cheapnet_jax.checkpoints import calibration_path
 from cheapnet_jax.data import DataError, ImageModeError, ImageTooLargeError, decode_image
+from cheapnet_jax.inspection import Inspector, Result, variant_name
 from cheapnet_jax.prediction import render_overlay
 from cheapnet_jax.serve.batching import DynamicBatcher, QueueFullError
-from cheapnet_jax.serve.inspector import Inspection, Inspector, variant_name
 
 API_VERSION = "v1"
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -294,7 +294,9 @@ def model_description(inspector: Inspector) -> dict:
     """``GET /v1/model``: what answers the requests."""
     loaded = inspector.loaded
     features = loaded.model.features
-    calibration_file = calibration_path(inspector.checkpoint)
+    calibration_file = (
+        calibration_path(inspector.checkpoint) if inspector.checkpoint is not None else None
+    )
     return {
         "variant": variant_name(features),
         "features": features,
@@ -306,11 +308,13 @@ def model_description(inspector: Inspector) -> dict:
             "mean": inspector.normalization.mean,
             "std": inspector.normalization.std,
         },
-        "calibration": read_calibration(calibration_file),
-        "calibration_file": str(calibration_file) if calibration_file.is_file() else None,
+        "calibration": read_calibration(calibration_file) if calibration_file else None,
+        "calibration_file": (
+            str(calibration_file) if calibration_file and calibration_file.is_file() else None
+        ),
         "defaults": _default_settings(inspector),
         "dtype": inspector.options.dtype,
-        "max_batch": inspector.options.max_batch,
+        "max_batch": inspector.options.batch_size,
         "max_components": inspector.options.max_components,
         "devices": [str(device) for device in inspector.devices],
         # on the host, overlapped with the next batch's network (Inspector.start_batch)
@@ -325,7 +329,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     state = {"ready": False, "warmed": [], "warm_error": None, "frozen_objects": None}
     batcher_box: dict[str, DynamicBatcher] = {}
 
-    def run_batch(worker: int, key, items) -> Callable[[], list[Inspection]]:
+    def run_batch(worker: int, key, items) -> Callable[[], list[Result]]:
         """The batch's device part; returns its host part (`Inspector.start_batch`)."""
         _, threshold, min_area, tiled = key
         keep = any(overlay for _, overlay in items)
@@ -357,7 +361,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         batcher = DynamicBatcher(
             run_batch,
             workers=len(inspector.devices),
-            max_batch=inspector.options.max_batch,
+            max_batch=inspector.options.batch_size,
             max_wait_s=options.max_wait_ms / 1000,
             max_queue=options.max_queue,
             on_batch=metrics.batch_size.observe,
@@ -485,7 +489,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             "verdict": "NG" if found.defects else "OK",
             "width": int(image.shape[1]),
             "height": int(image.shape[0]),
-            "defects": found.defects,
+            "defects": [defect.as_dict() for defect in found.defects],
             "components_left_out": found.components_left_out,
             "warning": warning,
             "settings": {
@@ -575,7 +579,8 @@ def _default_settings(inspector: Inspector) -> dict[str, dict]:
     }
     return {
         name: {"value": setting.value, "source": sources.get(setting.origin, setting.origin)}
-        for name, setting in inspector.defaults.items()
+        for name, setting in inspector.settings.items()
+        if name != "normalization"
     }
 
 

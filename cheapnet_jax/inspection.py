@@ -1,0 +1,669 @@
+"""One engine from a checkpoint and images to defects: `Inspector`.
+
+    from cheapnet_jax import Inspector
+
+    inspector = Inspector.load("runs/demo")     # a run folder, a population member, a .pkl
+    results = inspector.inspect(images)         # uint8 [H, W] arrays of any sizes
+    print(results[0].verdict, results[0].defects)
+
+predict.py, the inspection service, evaluate.py and the export's parity report all inspect
+through it, so an image gets the same answer from each. What it decides, once:
+
+- settings: ``threshold`` and ``min_area`` as given, else the checkpoint's calibration, else
+  0.5 and 0; the normalisation as given, else the checkpoint's training statistics, else the
+  authors' (`Inspector.settings` says where each came from);
+- images of one size go through the detector together, padded by reflection to a multiple of
+  16 and their probabilities cropped back, the batch padded to a power of two
+  (`compiled_batch_size`) so that few programs are compiled;
+- on the CPU with OpenCV, small models run the network alone on the device and label on the
+  host (`detection.labels_on_host`: the detector's very arrays), so that the labeling of one
+  batch overlaps the network of the next; elsewhere the whole detector is one program;
+- images of more than ``tile_above`` pixels (or all, with ``tile``) go through the exact tiler
+  one at a time (`tiling.detect_tiled`); their masks are kept only up to ``tile_above`` pixels.
+
+A copy of the weights lives on each local device, so that one thread per device can run
+batches side by side (the service's workers; on the CPU, programs take turns: `CPU_PROGRAMS`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from cheapnet_jax import data
+from cheapnet_jax.calibration import Setting, resolve_settings
+from cheapnet_jax.checkpoints import (
+    AUTHORS_NORMALIZATION,
+    LoadedModel,
+    Normalization,
+    calibration_path,
+    load_checkpoint,
+)
+from cheapnet_jax.data import pad_to_multiple
+from cheapnet_jax.detection import (
+    Detections,
+    detections_on_host,
+    labels_on_host,
+    make_detector,
+    make_network,
+)
+from cheapnet_jax.model import VARIANTS, Impl
+from cheapnet_jax.tiling import DEFAULT_TILE, TiledDetections, detect_tiled, make_tile_detector
+
+DEFAULT_THRESHOLD, DEFAULT_MIN_AREA = 0.5, 0
+"""Without a given setting and a calibration."""
+
+CPU_PROGRAMS = threading.Lock()
+"""Held by every inspector of the process while a detector program runs on the CPU. There the
+labeler runs in a host callback, and two programs with host callbacks executing at once on
+XLA:CPU can deadlock (jax 0.10; 2 CPU devices, or 2 threads on one, such as a request served
+during the warm-up: both callbacks wait for the copy of their inputs jax makes before calling
+them). The deadlock is the process's, not one inspector's, so the lock is too. CPU devices
+share the same cores anyway; accelerators (union-find labeler, no callback) run side by side."""
+
+DETECTOR_CACHE = 8
+"""Compiled detectors kept for settings other than the defaults (least recently used dropped
+first), so that many distinct thresholds cannot fill the memory with programs."""
+
+FILE_BATCHES_AHEAD = 2
+"""`Inspector.inspect_files`: batches inspected ahead of the consumer (bounded memory)."""
+
+
+class Defect(NamedTuple):
+    """One defect: its ``box`` ``(x1, y1, x2, y2)`` with inclusive corners, its ``area`` in
+    pixels and its ``score``, the mean probability inside it (rounded to 6 digits, as
+    predict.py writes it)."""
+
+    box: tuple[int, int, int, int]
+    area: int
+    score: float
+
+    def as_dict(self) -> dict:
+        """The JSON form of predict.py's records and the service's answers."""
+        return {"box": list(self.box), "area": self.area, "score": self.score}
+
+
+def make_defect(box: Iterable, area, score) -> Defect:
+    """A `Defect` of numpy values."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return Defect((x1, y1, x2, y2), int(area), round(float(score), 6))
+
+
+@dataclass
+class Result:
+    """One image's answer.
+
+    ``defects`` in raster order of their first pixel; ``components_left_out``: defects beyond
+    ``max_components``, counted but not listed; ``mask`` (bool ``[H, W]``) and
+    ``probabilities`` (float32 ``[H, W]``) where asked for; ``tiles``: how many tiles ran, for
+    an image inspected in tiles (else None), and ``parts_left_out``: tile components beyond a
+    tile's own cap; ``warning``: how a file was read (colour converted to grayscale);
+    ``error``: why a file could not be inspected (then there is nothing else); ``image``: the
+    pixels read from a file, where asked for (`Inspector.inspect_files`).
+    """
+
+    height: int
+    width: int
+    defects: list[Defect]
+    components_left_out: int = 0
+    mask: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    tiles: int | None = None
+    parts_left_out: int = 0
+    warning: str | None = None
+    error: str | None = None
+    image: np.ndarray | None = None
+
+    @property
+    def verdict(self) -> str:
+        """``"NG"`` when the image has a defect, ``"OK"`` when not, ``"ERROR"`` when it could
+        not be inspected."""
+        if self.error is not None:
+            return "ERROR"
+        return "NG" if self.defects else "OK"
+
+
+@dataclass(frozen=True)
+class InspectorOptions:
+    """How an inspector runs (the keyword arguments of `Inspector.load`, named as the
+    command-line flags)."""
+
+    batch_size: int = 8  # images per device call (the service's --max-batch)
+    max_components: int = 256
+    dtype: str = "float32"
+    tile: int | None = None  # inspect every image in tiles of this size (a multiple of 16)
+    tile_above: int = 2048 * 2048  # ... else images of more pixels, in tiles of DEFAULT_TILE
+    # On the CPU with OpenCV, run the network alone and label on the host (the same arrays);
+    # False: the whole detector as one program; None: for widths up to
+    # `detection.LABELS_ON_HOST_UP_TO`.
+    labels_on_host: bool | None = None
+
+
+def compiled_batch_size(count: int, batch_size: int) -> int:
+    """The batch a chunk of ``count`` images runs as: the smallest power of two >= count,
+    at most ``batch_size``. A short last batch then costs about its own size instead of a
+    full batch of blank images, with at most log2(batch_size) + 1 compiled shapes."""
+    return min(batch_size, 1 << max(0, count - 1).bit_length())
+
+
+def pad_batch(array: np.ndarray, batch_size: int) -> np.ndarray:
+    """Pad axis 0 to ``batch_size`` with zeros, so that batches share compiled shapes."""
+    missing = batch_size - array.shape[0]
+    if missing <= 0:
+        return array
+    return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)])
+
+
+def weights_digest(variables: Mapping) -> str:
+    """``sha256:<hex>`` of the weights: every array's path, dtype, shape and bytes in path
+    order, so the same weights give the same digest whether read from a .pkl or a workdir."""
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def variant_name(features: int) -> str | None:
+    """``S``, ``M`` or ``L`` for their widths, else None."""
+    return next((name for name, g in VARIANTS.items() if g == features), None)
+
+
+def normalization_setting(
+    given: Normalization | tuple[float, float] | None, loaded: LoadedModel
+) -> Setting:
+    """The normalisation as given, else the checkpoint's training statistics
+    (``"checkpoint"``), else the authors' Class-6 values (``"default"``)."""
+    if given is not None:
+        return Setting(Normalization(*given), "given")
+    if loaded.normalization is not None:
+        return Setting(loaded.normalization, "checkpoint")
+    return Setting(AUTHORS_NORMALIZATION, "default")
+
+
+def detection_settings(
+    checkpoint: str | os.PathLike | None,
+    threshold: float | None = None,
+    min_area: int | None = None,
+    calibration: bool = True,
+) -> dict[str, Setting]:
+    """``threshold`` and ``min_area`` as given (not None), else from the calibration of
+    ``checkpoint`` (unless ``calibration`` is false), else 0.5 and 0."""
+    calibration_file = (
+        calibration_path(checkpoint) if calibration and checkpoint is not None else None
+    )
+    return resolve_settings(
+        {"threshold": threshold, "min_area": min_area},
+        {"threshold": DEFAULT_THRESHOLD, "min_area": DEFAULT_MIN_AREA},
+        calibration_file,
+    )
+
+
+def as_images(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    """uint8 ``[H, W]`` images from a list of them or one ``[B, H, W]`` array; ValueError
+    naming the first that is not one."""
+    if isinstance(images, np.ndarray | jax.Array):
+        array = np.asarray(images)
+        if array.ndim == 2:
+            raise ValueError(
+                "images: one [H, W] array; pass a list of images or one [B, H, W] array"
+            )
+        images = list(array)
+    checked = []
+    for index, image in enumerate(images):
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 2:
+            raise ValueError(
+                f"images[{index}]: expected uint8 grayscale [H, W], got {image.dtype} "
+                f"{list(image.shape)} (convert colour images to grayscale first, as "
+                "data.load_image(path, convert_to_grayscale=True) does)"
+            )
+        if 0 in image.shape:
+            raise ValueError(f"images[{index}]: empty image {list(image.shape)}")
+        checked.append(image)
+    return checked
+
+
+def _batch_results(
+    found: Detections,
+    count: int,
+    shape: tuple[int, int],
+    keep_masks: bool,
+    keep_probabilities: bool,
+) -> list[Result]:
+    """The first ``count`` images' results of a batch's detections (numpy) of images of
+    ``shape``."""
+    height, width = shape
+    results = []
+    for index in range(count):
+        valid = found.valid[index]
+        rows = zip(found.stats[index][valid], found.scores[index][valid], strict=True)
+        results.append(
+            Result(
+                height=height,
+                width=width,
+                defects=[make_defect(row[:4], row[4], score) for row, score in rows],
+                components_left_out=int(found.overflow[index]),
+                mask=found.masks[index] if keep_masks else None,
+                probabilities=found.probabilities[index] if keep_probabilities else None,
+            )
+        )
+    return results
+
+
+def _tiled_result(found: TiledDetections, shape: tuple[int, int]) -> Result:
+    return Result(
+        height=shape[0],
+        width=shape[1],
+        defects=[make_defect((d.x1, d.y1, d.x2, d.y2), d.area, d.score) for d in found.defects],
+        components_left_out=found.overflow,
+        mask=found.mask,
+        probabilities=found.probabilities,
+        tiles=found.tiles,
+        parts_left_out=found.parts_left_out,
+    )
+
+
+class Inspector:
+    """A checkpoint's detectors on every local device, with its settings; thread-safe, one
+    thread per device (on the CPU, one program at a time in the whole process:
+    `CPU_PROGRAMS`). Make one with `Inspector.load`."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: Mapping[str, Setting] | None = None,
+        options: InspectorOptions = InspectorOptions(),
+        devices: list | None = None,
+        checkpoint: str | os.PathLike | None = None,
+    ):
+        """``settings``: `Setting`s of ``threshold``, ``min_area`` and ``normalization`` (a
+        `Normalization`); those missing are resolved as `Inspector.load` resolves them
+        without arguments. ``checkpoint``: where ``loaded`` came from (its calibration file
+        is found beside it)."""
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.loaded = loaded
+        resolved = {
+            **detection_settings(self.checkpoint),
+            "normalization": normalization_setting(None, loaded),
+        }
+        self.settings: dict[str, Setting] = {**resolved, **(settings or {})}
+        self.options = options
+        self.devices = devices or jax.local_devices()
+        self.digest = weights_digest(loaded.variables)
+        self._variables = [jax.device_put(loaded.variables, d) for d in self.devices]
+        self._lock = threading.Lock()
+        on_cpu = any(device.platform == "cpu" for device in self.devices)
+        self._executing = CPU_PROGRAMS if on_cpu else contextlib.nullcontext()
+        self.labels_on_host = labels_on_host(loaded.model.features, on_cpu, options.labels_on_host)
+        self._network = make_network(
+            loaded.model, dtype=options.dtype, normalization=self._normalization_pair
+        )
+        self._detectors: collections.OrderedDict = collections.OrderedDict()
+        self._tile_detectors: dict = {}
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | os.PathLike,
+        *,
+        threshold: float | None = None,
+        min_area: int | None = None,
+        normalization: Normalization | tuple[float, float] | None = None,
+        calibration: bool = True,
+        impl: Impl = "auto",
+        devices: list | None = None,
+        **options,
+    ) -> Inspector:
+        """The inspector of a training run's folder (its best checkpoint), a population
+        member's folder, an orbax step folder or an authors' ``.pkl``.
+
+        ``threshold``, ``min_area``: None for the checkpoint's calibration (unless
+        ``calibration=False``), else 0.5 and 0. ``normalization``: ``(mean, std)`` of
+        pixel/255, None for the checkpoint's own, else the authors'. ``options``: the fields
+        of `InspectorOptions` (``batch_size``, ``max_components``, ``dtype``, ``tile``,
+        ``tile_above``, ``labels_on_host``).
+        """
+        loaded = load_checkpoint(checkpoint, impl)
+        settings = {
+            **detection_settings(checkpoint, threshold, min_area, calibration),
+            "normalization": normalization_setting(normalization, loaded),
+        }
+        return cls(loaded, settings, InspectorOptions(**options), devices, checkpoint)
+
+    @property
+    def threshold(self) -> float:
+        """The default threshold: a pixel is a defect if its probability is above it."""
+        return float(self.settings["threshold"].value)
+
+    @property
+    def min_area(self) -> int:
+        """The default smallest defect, in pixels."""
+        return int(self.settings["min_area"].value)
+
+    @property
+    def normalization(self) -> Normalization:
+        """``(pixel / 255 - mean) / std``, the input the network was trained on."""
+        return self.settings["normalization"].value
+
+    @property
+    def _normalization_pair(self) -> tuple[float, float]:
+        return (self.normalization.mean, self.normalization.std)
+
+    def detector(self, threshold: float, min_area: int):
+        """The jitted detector of these settings (made once; see `DETECTOR_CACHE`)."""
+        key = (threshold, min_area)
+        with self._lock:
+            if key in self._detectors:
+                self._detectors.move_to_end(key)
+                return self._detectors[key]
+            made = make_detector(
+                self.loaded.model,
+                threshold=threshold,
+                min_area=min_area,
+                max_components=self.options.max_components,
+                dtype=self.options.dtype,
+                normalization=self._normalization_pair,
+            )
+            self._detectors[key] = made
+            default = (self.threshold, self.min_area)
+            others = [k for k in self._detectors if k != default]
+            if len(others) > DETECTOR_CACHE:
+                del self._detectors[others[0]]
+            return made
+
+    def tile_detector(self, threshold: float):
+        """The jitted tile detector of this threshold (made once)."""
+        with self._lock:
+            if threshold not in self._tile_detectors:
+                self._tile_detectors[threshold] = make_tile_detector(
+                    self.loaded.model,
+                    threshold=threshold,
+                    dtype=self.options.dtype,
+                    normalization=self._normalization_pair,
+                )
+            return self._tile_detectors[threshold]
+
+    def tiled(self, shape: tuple[int, int]) -> bool:
+        """Whether an image of this shape goes through the tiler."""
+        return self.options.tile is not None or shape[0] * shape[1] > self.options.tile_above
+
+    def _chosen(self, threshold: float | None, min_area: int | None) -> tuple[float, int]:
+        return (
+            self.threshold if threshold is None else float(threshold),
+            self.min_area if min_area is None else int(min_area),
+        )
+
+    def inspect(
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        *,
+        threshold: float | None = None,
+        min_area: int | None = None,
+        keep_masks: bool = False,
+        keep_probabilities: bool = False,
+    ) -> list[Result]:
+        """The results of uint8 grayscale images ``[H, W]`` of any sizes (a list, or one
+        ``[B, H, W]`` array), in order. ``threshold`` and ``min_area`` override the
+        inspector's settings for this call; ``keep_masks`` and ``keep_probabilities`` keep
+        each image's mask and probability map (the heatmap) in its result."""
+        images = as_images(images)
+        threshold, min_area = self._chosen(threshold, min_area)
+        results: list[Result | None] = [None] * len(images)
+        by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        for index, image in enumerate(images):
+            if self.tiled(image.shape):
+                results[index] = self.inspect_tiled(
+                    0, image, threshold, min_area, keep_masks, keep_probabilities
+                )
+            else:
+                by_shape[image.shape].append(index)
+        size = self.options.batch_size
+        for indices in by_shape.values():
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                batch = [images[index] for index in chunk]
+                found = self.inspect_batch(
+                    0, batch, threshold, min_area, keep_masks, keep_probabilities
+                )
+                for index, result in zip(chunk, found, strict=True):
+                    results[index] = result
+        return results
+
+    def inspect_files(
+        self,
+        paths: Iterable[str | os.PathLike],
+        *,
+        threshold: float | None = None,
+        min_area: int | None = None,
+        keep_masks: bool = False,
+        keep_probabilities: bool = False,
+        keep_images: bool = False,
+        decode_threads: int = data.DECODE_THREADS,
+    ) -> Iterator[tuple[Path, Result]]:
+        """``(path, result)`` of every image file, in order (an error alone, as it is met),
+        streaming: threads decode ahead, a thread runs the device's part of each batch and
+        another the host's, a bounded number of batches ahead of the consumer. A file that
+        cannot be inspected (unreadable, 16-bit, ...) is a result with its ``error``; colour
+        images are converted to grayscale with a ``warning``; ``keep_images`` keeps the pixels
+        read in each result (for overlays). Stopping the iteration early stops the work."""
+        threshold, min_area = self._chosen(threshold, min_area)
+        keep = (keep_masks, keep_probabilities)
+        batch_size = self.options.batch_size
+        decoded = data.threaded_map(
+            _decode, [Path(p) for p in paths], decode_threads, ahead=2 * batch_size
+        )
+        ready: queue.Queue = queue.Queue(maxsize=FILE_BATCHES_AHEAD)
+        stop = threading.Event()
+
+        def finished(items: list, results: list[Result]) -> Future:
+            future: Future = Future()
+            future.set_result((items, results))
+            return future
+
+        def produce() -> None:
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="inspect-host") as host:
+                    for items, in_tiles in _file_groups(decoded, batch_size, self.tiled):
+                        if stop.is_set():
+                            return
+                        if items[0][3] is not None:  # an error passes alone
+                            error = items[0][3]
+                            work = finished(items, [Result(0, 0, [], error=error)])
+                        elif in_tiles:
+                            image = items[0][1]
+                            # masks of tiled images only up to tile_above pixels (image-sized)
+                            small = image.size <= self.options.tile_above
+                            result = self.inspect_tiled(
+                                0, image, threshold, min_area, keep[0] and small, keep[1] and small
+                            )
+                            work = finished(items, [result])
+                        else:
+                            images = [image for _, image, _, _ in items]
+                            finish = self.start_batch(0, images, threshold, min_area, *keep)
+                            work = host.submit(lambda i=items, f=finish: (i, f()))
+                        _put(ready, work, stop)
+            except BaseException as err:  # raised in the consumer's thread
+                _put(ready, err, stop)
+            finally:
+                decoded.close()
+                _put(ready, None, stop)
+
+        producer = threading.Thread(target=produce, name="inspect-files", daemon=True)
+        producer.start()
+        try:
+            while (work := ready.get()) is not None:
+                if isinstance(work, BaseException):
+                    raise work
+                items, results = work.result()
+                for (path, image, warning, _), result in zip(items, results, strict=True):
+                    result.warning = warning
+                    result.image = image if keep_images else None
+                    yield path, result
+        finally:
+            stop.set()
+            producer.join()
+
+    def inspect_batch(
+        self,
+        device: int,
+        images: list[np.ndarray],
+        threshold: float,
+        min_area: int,
+        keep_masks: bool = False,
+        keep_probabilities: bool = False,
+    ) -> list[Result]:
+        """`start_batch`'s two parts one after the other."""
+        return self.start_batch(
+            device, images, threshold, min_area, keep_masks, keep_probabilities
+        )()
+
+    def start_batch(
+        self,
+        device: int,
+        images: list[np.ndarray],
+        threshold: float,
+        min_area: int,
+        keep_masks: bool = False,
+        keep_probabilities: bool = False,
+    ) -> Callable[[], list[Result]]:
+        """A batch of same-sized uint8 images ``[H, W]`` (at most ``batch_size``) in two
+        parts: the device's, done here on local device ``device``, and the host's, returned
+        as a function to call (in any thread) for the results. Where `labels_on_host`, the
+        device runs the network alone and the returned function labels and measures the
+        masks (`detections_on_host`: the detector's very arrays), so that the next batch's
+        network can run meanwhile; elsewhere the device runs the whole detector and the
+        function only lists the defects."""
+        height, width = images[0].shape
+        padded = np.stack([pad_to_multiple(image) for image in images])  # uint8 [B, H, W]
+        x = pad_batch(padded, compiled_batch_size(len(images), self.options.batch_size))
+        x = jax.device_put(x, self.devices[device])  # numpy straight over (not jnp.asarray)
+        count = len(images)
+        if self.labels_on_host:
+            with self._executing:
+                probabilities = self._network(self._variables[device], x, crop=(height, width))
+                probabilities = np.asarray(jax.device_get(probabilities))[:count]
+            max_components = self.options.max_components
+            return lambda: _batch_results(
+                detections_on_host(
+                    probabilities,
+                    threshold=threshold,
+                    max_components=max_components,
+                    min_area=min_area,
+                ),
+                count,
+                (height, width),
+                keep_masks,
+                keep_probabilities,
+            )
+        detector = self.detector(threshold, min_area)
+        with self._executing:
+            found = detector(self._variables[device], x, crop=(height, width))
+            # Only what the results need comes back to the host: not the labels (8 MiB for 8
+            # images of 512x512), the probabilities and masks only where kept.
+            found = jax.device_get(
+                found._replace(
+                    probabilities=found.probabilities if keep_probabilities else None,
+                    labels=None,
+                    masks=found.masks if keep_masks else None,
+                )
+            )
+        return lambda: _batch_results(found, count, (height, width), keep_masks, keep_probabilities)
+
+    def inspect_tiled(
+        self,
+        device: int,
+        image: np.ndarray,
+        threshold: float,
+        min_area: int,
+        keep_masks: bool = False,
+        keep_probabilities: bool = False,
+    ) -> Result:
+        """The result of one image in exact tiles (`tiling.detect_tiled`) of ``tile`` pixels
+        (`DEFAULT_TILE` when not set), on local device ``device``."""
+        keep_maps = keep_masks or keep_probabilities
+        with self._executing, jax.default_device(self.devices[device]):
+            found = detect_tiled(
+                self.tile_detector(threshold),
+                self._variables[device],
+                image,
+                tile=self.options.tile or DEFAULT_TILE,
+                max_components=self.options.max_components,
+                min_area=min_area,
+                keep_maps=keep_maps,
+            )
+        result = _tiled_result(found, image.shape)
+        result.mask = result.mask if keep_masks else None
+        result.probabilities = result.probabilities if keep_probabilities else None
+        return result
+
+    def warm(self, shape: tuple[int, int]) -> None:
+        """Compile the default settings' programs for images of ``shape`` on every device, at
+        every batch size a call can run as (powers of two up to ``batch_size``)."""
+        if self.tiled(shape):
+            blank = np.zeros(shape, np.uint8)
+            for device in range(len(self.devices)):
+                self.inspect_tiled(device, blank, self.threshold, self.min_area)
+            return
+        largest = self.options.batch_size
+        sizes = sorted({compiled_batch_size(n, largest) for n in range(1, largest + 1)})
+        for device in range(len(self.devices)):
+            for size in sizes:
+                blank = [np.zeros(shape, np.uint8)] * size
+                self.inspect_batch(device, blank, self.threshold, self.min_area)
+
+
+def _decode(path: Path) -> tuple[Path, np.ndarray | None, str | None, str | None]:
+    """``(path, image, warning, error)`` of an image file."""
+    try:
+        data.check_regular_file(path)
+        image, warning = data.load_image(path, convert_to_grayscale=True)
+        return path, image, warning, None
+    except data.DataError as err:
+        return path, None, None, str(err)
+
+
+def _file_groups(decoded: Iterator, batch_size: int, tiled) -> Iterator[tuple[list, bool]]:
+    """Decoded files in groups of one image size, at most ``batch_size``: ``(items, in
+    tiles)``. A file that could not be decoded and an image that goes through tiles pass alone
+    (an error as soon as it is met)."""
+    batch: list = []
+    for item in decoded:
+        _, image, _, error = item
+        if error is not None:
+            yield [item], False
+            continue
+        in_tiles = tiled(image.shape)
+        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape or in_tiles):
+            yield batch, False
+            batch = []
+        if in_tiles:
+            yield [item], True
+            continue
+        batch.append(item)
+    if batch:
+        yield batch, False
+
+
+def _put(target: queue.Queue, item, stop: threading.Event) -> None:
+    """Put ``item`` unless the consumer has stopped (then it would wait for ever)."""
+    while not stop.is_set():
+        try:
+            target.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
