@@ -31,3 +31,8 @@ class TrainingDivergedError(UserError, RuntimeError):
 
 class FolderInUseError(UserError, RuntimeError):
     """Another process holds the folder's lock: a second run would mix its files with ours."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the
+    extra that installs it."""

@@ -4,8 +4,9 @@ The authors save ``torch.save({"CheapNet": model.state_dict()}, path)`` with ten
 ``cuda:0``. Keys are ``<block>.0.{weight,bias}`` (the convolution) and
 ``<block>.1.{weight,bias,running_mean,running_var,num_batches_tracked}`` (its BatchNorm2d).
 
-Files are read with ``torch.load(..., weights_only=True)``: a checkpoint is never unpickled
-with arbitrary code execution.
+Files are read without torch by `cheapnet_jax.torch_files` (the unpickling of
+``torch.load(..., weights_only=True)``: tensors and ordered dicts only): a checkpoint is never
+unpickled with arbitrary code execution. Writing them needs torch (the ``torch`` extra).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cheapnet_jax.errors import CheckpointError
+from cheapnet_jax.errors import CheckpointError, MissingExtraError
 from cheapnet_jax.files import write_atomic
 from cheapnet_jax.model import CheapNet, Impl
+from cheapnet_jax.torch_files import read_torch_file
 
 CONV_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "bottleneck", "output")
 TRANSPOSED_BLOCKS = ("decoder1", "decoder2", "decoder3", "decoder4")
@@ -32,9 +34,9 @@ STATE_DICT_KEY = "CheapNet"
 def _import_torch():
     try:
         import torch
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "reading or writing PyTorch checkpoints needs torch: pip install 'cheapnet-jax[torch]'"
+    except ImportError as err:  # depends on the install
+        raise MissingExtraError(
+            "writing PyTorch checkpoints needs torch: pip install 'cheapnet-jax[torch]'"
         ) from err
     return torch
 
@@ -83,16 +85,9 @@ def _hwio_to_transposed_torch(kernel: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _read_state_dict(path: str | os.PathLike) -> Mapping[str, object]:
-    torch = _import_torch()
     if not os.path.isfile(path):
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", os.fspath(path))
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        raise CheckpointError(
-            f"{os.fspath(path)}: not a readable PyTorch checkpoint of tensors "
-            f"(torch.load with weights_only=True failed: {type(err).__name__}: {err})"
-        ) from err
+    loaded = read_torch_file(path)
     if isinstance(loaded, Mapping) and STATE_DICT_KEY in loaded:
         loaded = loaded[STATE_DICT_KEY]
     if not isinstance(loaded, Mapping) or "encoder1.0.weight" not in loaded:

@@ -4,12 +4,17 @@ REFERENCE.md against an independent PyTorch model (tests/torch_reference.py)."""
 from __future__ import annotations
 
 import functools
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CHECKPOINT_FEATURES, checkpoint_path
+from conftest import CHECKPOINT_FEATURES, checkpoint_path, cli_env
 from scipy import ndimage
 
 from cheapnet_jax import CheckpointError, load_torch_checkpoint, save_torch_checkpoint
@@ -17,6 +22,7 @@ from cheapnet_jax.data import list_dagm_samples, normalize, read_sample
 from cheapnet_jax.detection import detections_from_probabilities
 from cheapnet_jax.evaluation import Tally, ground_truth_components
 from cheapnet_jax.metrics import confusion_counts, counts_from_array, segmentation_metrics
+from cheapnet_jax.torch_files import read_torch_file
 
 torch = pytest.importorskip("torch", reason="torch is needed to read PyTorch checkpoints")
 from torch_reference import TorchCheapNet, load_reference, probabilities_nhwc  # noqa: E402
@@ -112,7 +118,7 @@ def test_other_pickle_is_not_a_cheapnet(tmp_path):
 def test_corrupt_file_is_reported(tmp_path):
     path = tmp_path / "corrupt.pkl"
     path.write_bytes(checkpoint_path(2).read_bytes()[:500])
-    with pytest.raises(CheckpointError, match=r"corrupt\.pkl: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"corrupt\.pkl: not a torch\.save zip file"):
         load_torch_checkpoint(path)
 
 
@@ -120,10 +126,92 @@ class _Payload:
     """An arbitrary object: weights_only loading must refuse to unpickle it."""
 
 
+class _Command:
+    """A pickle that runs a command when unpickled by a plain unpickler."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_arbitrary_objects_are_never_unpickled(tmp_path):
     path = _write_state(tmp_path, {"CheapNet": _Payload()})
-    with pytest.raises(CheckpointError, match="weights_only=True failed"):
+    with pytest.raises(CheckpointError, match=r"names the global test_torch_import\._Payload"):
         load_torch_checkpoint(path)
+    # torch.save's layout around a pickle that would run a command: refused before any call
+    marker = tmp_path / "ran"
+    command = tmp_path / "command.pkl"
+    with zipfile.ZipFile(command, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"CheapNet": _Command(marker)}))
+    with pytest.raises(CheckpointError, match=rf"command\.pkl: .*global {os.name}\.system"):
+        load_torch_checkpoint(command)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(_Command(marker)))  # what a plain unpickler would have done
+    assert marker.exists()
+
+
+def test_the_authors_checkpoints_read_without_torch_as_torch_reads_them():
+    """All 11: the same keys in the same order, dtypes, shapes and bytes as torch.load's."""
+    for features in CHECKPOINT_FEATURES:
+        path = checkpoint_path(features)
+        ours = read_torch_file(path)["CheapNet"]
+        theirs = torch.load(path, map_location="cpu", weights_only=True)["CheapNet"]
+        assert list(ours) == list(theirs)
+        for key, tensor in theirs.items():
+            expected = tensor.numpy()
+            assert ours[key].dtype == expected.dtype and ours[key].shape == expected.shape
+            np.testing.assert_array_equal(ours[key], expected, err_msg=f"G={features} {key}")
+
+
+def test_non_contiguous_and_other_dtypes_read_as_torch_reads_them(tmp_path):
+    """Views with offsets and strides, float64, float16, bfloat16, int and bool storages."""
+    base = torch.arange(60, dtype=torch.float64).reshape(3, 4, 5)
+    state = {
+        "transposed": base.transpose(0, 2),
+        "sliced": base[1:, ::2, 1],
+        "half": torch.linspace(-1, 1, 7, dtype=torch.float16),
+        "bfloat16": torch.linspace(-1, 1, 7, dtype=torch.bfloat16),
+        "long": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+    }
+    path = tmp_path / "mixed.pt"
+    torch.save(state, path)
+    ours = read_torch_file(path)
+    for key, tensor in state.items():
+        expected = tensor.float().numpy() if key == "bfloat16" else tensor.numpy()
+        got = ours[key].astype(np.float32) if key == "bfloat16" else ours[key]
+        np.testing.assert_array_equal(got, expected, err_msg=key)
+        assert got.dtype == expected.dtype, key
+
+
+def test_a_core_install_reads_the_authors_checkpoint(tmp_path, samples_folder):
+    """Without torch (its import blocked, as on a core install): predict.py reads an authors'
+    checkpoint; writing one names the extra in one line."""
+    block = "import sys; sys.modules['torch'] = None; "
+    predict = (
+        block + "from cheapnet_jax.cli.predict import main; "
+        f"sys.exit(main(['--checkpoint', {str(checkpoint_path(2))!r}, {str(samples_folder)!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}, '--no-overlays', '--no-progress']))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", predict], env=cli_env(), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "10 images predicted, 0 failed" in run.stdout
+    export = (
+        block + "from cheapnet_jax.cli.export import main; "
+        f"sys.exit(main(['--checkpoint', {str(checkpoint_path(2))!r}, '--format', 'torch', "
+        f"'--out', {str(tmp_path / 'copy.pkl')!r}]))"
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", export], env=cli_env(), capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and not (tmp_path / "copy.pkl").exists()
+    assert refused.stderr.strip() == (
+        "error: writing PyTorch checkpoints needs torch: pip install 'cheapnet-jax[torch]'"
+    )
 
 
 def test_missing_file(tmp_path):
