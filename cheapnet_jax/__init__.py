@@ -6,7 +6,7 @@ import sys
 # the module is found: a library module is refused here in one line (exit 2) rather than
 # imported and left to exit 0 having done nothing.
 if sys.argv[:1] == ["-m"]:
-    from cheapnet_jax.cli import library_module_run
+    from cheapnet_jax.commands import library_module_run
 
     if (refusal := library_module_run(sys.orig_argv)) is not None:
         print(refusal, file=sys.stderr)

@@ -238,12 +238,12 @@ def as_images(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return checked
 
 
-def _batch_results(
+def batch_results(
     found: Detections,
     count: int,
     shape: tuple[int, int],
-    keep_masks: bool,
-    keep_probabilities: bool,
+    keep_masks: bool = False,
+    keep_probabilities: bool = False,
 ) -> list[Result]:
     """The first ``count`` images' results of a batch's detections (numpy) of images of
     ``shape``."""
@@ -558,7 +558,7 @@ class Inspector:
                 probabilities = self._network(self._variables[device], x, crop=(height, width))
                 probabilities = np.asarray(jax.device_get(probabilities))[:count]
             max_components = self.options.max_components
-            return lambda: _batch_results(
+            return lambda: batch_results(
                 detections_on_host(
                     probabilities,
                     threshold=threshold,
@@ -582,7 +582,7 @@ class Inspector:
                     masks=found.masks if keep_masks else None,
                 )
             )
-        return lambda: _batch_results(found, count, (height, width), keep_masks, keep_probabilities)
+        return lambda: batch_results(found, count, (height, width), keep_masks, keep_probabilities)
 
     def inspect_tiled(
         self,

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_tool
 
 import cheapnet_jax
-from cheapnet_jax.cli import COMMANDS, library_module_run
+from cheapnet_jax.commands import COMMANDS, library_module_run
 
 RUNNABLE = {f"cheapnet_jax.cli.{name}" for name in COMMANDS} | {"cheapnet_jax.serve"}
 

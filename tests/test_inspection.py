@@ -11,16 +11,18 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, cli_env, small_config
+from conftest import REPO_ROOT, checkpoint_path, cli_env, run_tool, small_config
 from PIL import Image
 from scipy import ndimage
 
 from cheapnet_jax import Defect, Inspector, Result
 from cheapnet_jax.checkpoints import Normalization, calibration_path
 from cheapnet_jax.data import normalize, pad_to_multiple
+from cheapnet_jax.prediction import read_records
 from cheapnet_jax.synthetic import make_split
 
 torch = pytest.importorskip("torch")
@@ -165,6 +167,37 @@ def test_settings_say_where_they_came_from(reference_pkl, tmp_path):
     assert sum(len(r.defects) for r in every) > sum(len(r.defects) for r in large)
     # a call's own settings override the inspector's
     assert given.inspect(images, min_area=6) == large
+
+
+@pytest.mark.parametrize("features", [2, 32])
+def test_predict_py_writes_what_the_inspector_answers_on_the_real_samples(
+    features, samples_folder, tmp_path
+):
+    """The authors' checkpoint with a calibration beside it: predict.py (a new process) with
+    the calibration and whole images, and without it in tiles of 256, writes each image's
+    verdict and defects as the Python API answers them with the same settings."""
+    checkpoint = tmp_path / f"CheapNet_G{features}.pkl"
+    shutil.copy(checkpoint_path(features), checkpoint)
+    calibration_path(checkpoint).write_text(json.dumps({"threshold": 0.6, "min_area": 5}))
+    paths = sorted(samples_folder.glob("*.PNG"))
+    images = [np.asarray(Image.open(path)) for path in paths]
+    for flags, settings in (([], {}), (["--no-calibration", "--tile", "256"], {"tile": 256})):
+        out = tmp_path / f"out-{len(flags)}"
+        run = run_tool(
+            "predict.py", "--checkpoint", str(checkpoint), str(samples_folder), "--out",
+            str(out), "--no-overlays", "--no-progress", *flags,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        calibrated = not flags
+        inspector = Inspector.load(checkpoint, calibration=calibrated, **settings)
+        assert inspector.min_area == (5 if calibrated else 0)
+        records = {Path(r["file"]).name: r for r in read_records(out)}
+        for path, result in zip(paths, inspector.inspect(images), strict=True):
+            record = records[path.name]
+            assert record["verdict"] == result.verdict
+            assert record["defects"] == [d.as_dict() for d in result.defects]
+            assert record.get("tiles") == result.tiles == (4 if flags else None)
+        assert any(r["defects"] for r in records.values())
 
 
 def test_images_that_are_not_uint8_grayscale_are_refused_naming_the_first(reference_pkl):

@@ -21,6 +21,7 @@ from cheapnet_jax import CheckpointError, load_torch_checkpoint, save_torch_chec
 from cheapnet_jax.data import list_dagm_samples, normalize, read_sample
 from cheapnet_jax.detection import detections_from_probabilities
 from cheapnet_jax.evaluation import Tally, ground_truth_components
+from cheapnet_jax.inspection import batch_results
 from cheapnet_jax.metrics import confusion_counts, counts_from_array, segmentation_metrics
 from cheapnet_jax.torch_files import read_torch_file
 
@@ -272,7 +273,10 @@ def _check_detection(features, flax_probs, masks, path, x) -> None:
     """REFERENCE.md's detection table from the Flax probabilities, labeled on the device."""
     found = jax.tree.map(np.asarray, detections_from_probabilities(jnp.asarray(flax_probs)))
     tally = Tally()
-    tally.add(found, jax.tree.map(np.asarray, ground_truth_components(masks, 256)), masks)
+    results = batch_results(
+        found, len(masks), masks.shape[1:], keep_masks=True, keep_probabilities=True
+    )
+    tally.add(results, jax.tree.map(np.asarray, ground_truth_components(masks, 256)), masks)
     figures = tally.figures()
     *maps, components = REFERENCE_DETECTION[features]
     for name, expected in zip(DETECTION_NAMES, maps, strict=True):
