@@ -52,8 +52,7 @@ from cheapnet_jax.bench import (  # noqa: E402
     write_json,
 )
 from cheapnet_jax.data import decode_image  # noqa: E402
-from cheapnet_jax.evaluation import compiled_batch_size  # noqa: E402
-from cheapnet_jax.inspection import Inspector  # noqa: E402
+from cheapnet_jax.inspection import Inspector, compiled_batch_size  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SAMPLES = SHARED / "dagm-samples" / "Class6" / "Train"

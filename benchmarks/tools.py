@@ -9,7 +9,9 @@ files (else synthetic 512x512 images), with and without overlays, for each autho
 checkpoint of ``--features``; the checkouts take turns (``--rounds`` alternations), so that a
 drift of the machine falls on both. Reported: the median wall time of each command and its
 images/s over the whole process (start-up and compilation included: what a user waits for),
-and whether every checkout wrote the same records (``defects.jsonl``) and overlays.
+and whether every checkout wrote the same records (``defects.jsonl``) and overlays. The
+rate of predict.py once started (start-up and compilation excluded) is
+`benchmarks/predict_rate.py`'s.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def input_folder(scratch: Path, count: int) -> tuple[Path, Path]:
     """``count`` images (the real samples repeated under new names, else synthetic) and a
     DAGM folder of the real samples (else synthetic) for evaluate.py."""
     images = scratch / "images"
-    images.mkdir()
+    images.mkdir(parents=True)
     if SAMPLES.is_dir():
         sources, labelled = sorted(SAMPLES.glob("*.PNG")), SAMPLES
     else:
@@ -78,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", required=True, help="NAME=CHECKOUT")
     parser.add_argument("--features", default="2,32", help="authors' checkpoints, by G")
-    parser.add_argument("--images", type=int, default=120, help="files predict.py reads")
+    parser.add_argument(
+        "--images", default="120", help="files predict.py reads (N, or N1,N2: a row for each)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the checkouts")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -87,18 +91,23 @@ def main() -> None:
     if len(trees) < 2:
         parser.error("--tree: give two checkouts (NAME=PATH each) to compare")
     python = sys.executable
+    counts = [int(n) for n in args.images.split(",")]
     rows, seconds, outputs = [], {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        images, labelled = input_folder(scratch, args.images)
+        folders = {n: input_folder(scratch / str(n), n) for n in counts}
+        labelled = folders[counts[0]][1]
         jobs = []
         for features in [int(g) for g in args.features.split(",")]:
             checkpoint = str(CHECKPOINTS / f"CheapNet_G{features}.pkl")
             for overlays in (True, False):
-                jobs.append((f"predict.py G={features}" + ("" if overlays else " --no-overlays"),
-                             ["predict.py", "--checkpoint", checkpoint, str(images),
-                              "--no-progress", *([] if overlays else ["--no-overlays"])],
-                             args.images))  # fmt: skip
+                for count in counts:
+                    jobs.append((f"predict.py G={features} {count} files"
+                                 + ("" if overlays else " --no-overlays"),
+                                 ["predict.py", "--checkpoint", checkpoint,
+                                  str(folders[count][0]), "--no-progress",
+                                  *([] if overlays else ["--no-overlays"])],
+                                 count))  # fmt: skip
             jobs.append((f"evaluate.py G={features}",
                          ["evaluate.py", "--checkpoint", checkpoint, "--data", str(labelled),
                           "--no-progress"], 10))  # fmt: skip

@@ -15,6 +15,7 @@ checkpoints, written as sharded jax.Arrays, are read the same way.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -33,6 +34,10 @@ from cheapnet_jax.model import CheapNet, Impl, init_variables
 from cheapnet_jax.torch_import import load_torch_checkpoint
 
 CHECKPOINT_DIR = "checkpoints"
+POPULATION_FILE = "population.json"
+"""A population workdir's record of its members (`cheapnet_jax.population`)."""
+MEMBERS_DIR = "members"
+"""Where a population workdir keeps its members' runs, one folder each, named as the member."""
 
 
 @dataclass(frozen=True)
@@ -320,3 +325,17 @@ def calibration_path(checkpoint: str | os.PathLike) -> Path:
     if path.is_dir():
         return path / "calibration.json"
     return path.with_name(path.name + ".calibration.json")
+
+
+def population_members(path: str | os.PathLike) -> dict[str, Path] | None:
+    """A population workdir's members by name, in the order of its ``population.json``: each
+    member's run folder (``members/<name>``, wherever the workdir now is); None when ``path``
+    is not a population workdir."""
+    record = Path(path) / POPULATION_FILE
+    if not record.is_file():
+        return None
+    try:
+        names = [member["name"] for member in json.loads(record.read_text())["members"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{record}: not a population record ({err})") from err
+    return {name: Path(path) / MEMBERS_DIR / name for name in names}

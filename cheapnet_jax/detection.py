@@ -231,7 +231,7 @@ def make_network(
 ) -> Callable[..., jax.Array]:
     """A jitted ``(variables, x, crop=None) -> probabilities [B, H, W]``: `make_detector`'s
     network alone (its arguments and crop), for `detections_on_host`."""
-    _check_dtype(dtype)
+    check_dtype(dtype)
     options = {"dtype": dtype, "normalization": normalization, "fold": fold}
 
     @functools.partial(jax.jit, static_argnames="crop")
@@ -243,7 +243,8 @@ def make_network(
     return probabilities_of
 
 
-def _check_dtype(dtype: str) -> None:
+def check_dtype(dtype: str) -> None:
+    """ValueError unless ``dtype`` is one of `INFERENCE_DTYPES`."""
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
 
@@ -269,7 +270,7 @@ def make_detector(
     corner of the probabilities before thresholding: for images padded up to a multiple of 16,
     so that no defect comes from the padding (one compiled program per crop).
     """
-    _check_dtype(dtype)
+    check_dtype(dtype)
     options = {"dtype": dtype, "normalization": normalization, "fold": fold}
 
     @functools.partial(jax.jit, static_argnames="crop")

@@ -36,3 +36,8 @@ class FolderInUseError(UserError, RuntimeError):
 class MissingExtraError(UserError, ImportError):
     """A feature needs an optional dependency that is not installed; the message names the
     extra that installs it."""
+
+
+class UnknownModelError(UserError, LookupError):
+    """A model named that the inspector, the service or the population does not have; the
+    message names those it has."""

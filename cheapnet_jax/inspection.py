@@ -50,6 +50,7 @@ from cheapnet_jax.checkpoints import (
     Normalization,
     calibration_path,
     load_checkpoint,
+    population_members,
 )
 from cheapnet_jax.data import pad_to_multiple
 from cheapnet_jax.detection import (
@@ -58,6 +59,13 @@ from cheapnet_jax.detection import (
     labels_on_host,
     make_detector,
     make_network,
+)
+from cheapnet_jax.errors import UnknownModelError
+from cheapnet_jax.members import (
+    make_member_detector,
+    make_member_network,
+    normalization_tables,
+    stack_members,
 )
 from cheapnet_jax.model import VARIANTS, Impl
 from cheapnet_jax.tiling import DEFAULT_TILE, TiledDetections, detect_tiled, make_tile_detector
@@ -111,7 +119,8 @@ class Result:
     an image inspected in tiles (else None), and ``parts_left_out``: tile components beyond a
     tile's own cap; ``warning``: how a file was read (colour converted to grayscale);
     ``error``: why a file could not be inspected (then there is nothing else); ``image``: the
-    pixels read from a file, where asked for (`Inspector.inspect_files`).
+    pixels read from a file, where asked for (`Inspector.inspect_files`); ``model``: the name
+    of the model that answered.
     """
 
     height: int
@@ -125,6 +134,7 @@ class Result:
     warning: str | None = None
     error: str | None = None
     image: np.ndarray | None = None
+    model: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -290,12 +300,17 @@ class Inspector:
         options: InspectorOptions = InspectorOptions(),
         devices: list | None = None,
         checkpoint: str | os.PathLike | None = None,
+        name: str | None = None,
     ):
         """``settings``: `Setting`s of ``threshold``, ``min_area`` and ``normalization`` (a
         `Normalization`); those missing are resolved as `Inspector.load` resolves them
         without arguments. ``checkpoint``: where ``loaded`` came from (its calibration file
-        is found beside it)."""
+        is found beside it). ``name``: the model's (default: the checkpoint's file or folder
+        name)."""
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.name = name or (self.checkpoint.name if self.checkpoint else "model")
+        self.models: dict[str, Inspector] = {self.name: self}
+        self._groups: dict[int, _MemberGroup] = {}  # several models only: by width
         self.loaded = loaded
         resolved = {
             **detection_settings(self.checkpoint),
@@ -321,29 +336,89 @@ class Inspector:
         cls,
         checkpoint: str | os.PathLike,
         *,
+        model: str | None = None,
         threshold: float | None = None,
         min_area: int | None = None,
         normalization: Normalization | tuple[float, float] | None = None,
         calibration: bool = True,
         impl: Impl = "auto",
         devices: list | None = None,
+        name: str | None = None,
         **options,
     ) -> Inspector:
         """The inspector of a training run's folder (its best checkpoint), a population
-        member's folder, an orbax step folder or an authors' ``.pkl``.
+        member's folder, an orbax step folder or an authors' ``.pkl``; of a population
+        workdir, every member (named as in its ``population.json``), or the one named
+        ``model``.
 
-        ``threshold``, ``min_area``: None for the checkpoint's calibration (unless
+        ``threshold``, ``min_area``: None for each checkpoint's calibration (unless
         ``calibration=False``), else 0.5 and 0. ``normalization``: ``(mean, std)`` of
         pixel/255, None for the checkpoint's own, else the authors'. ``options``: the fields
         of `InspectorOptions` (``batch_size``, ``max_components``, ``dtype``, ``tile``,
         ``tile_above``, ``labels_on_host``).
         """
+        settings = dict(
+            threshold=threshold,
+            min_area=min_area,
+            normalization=normalization,
+            calibration=calibration,
+            impl=impl,
+            devices=devices,
+            **options,
+        )
+        members = population_members(checkpoint)
+        if members is not None:
+            if model is None:
+                return cls.load_models(members, **settings)
+            if model not in members:
+                raise UnknownModelError(
+                    f"{checkpoint}: no member {model!r}; its members: {', '.join(members)}"
+                )
+            return cls.load(members[model], name=model, **settings)
+        if model is not None:
+            raise UnknownModelError(
+                f"{checkpoint}: not a population workdir (no population.json): model={model!r}"
+            )
         loaded = load_checkpoint(checkpoint, impl)
-        settings = {
+        resolved = {
             **detection_settings(checkpoint, threshold, min_area, calibration),
             "normalization": normalization_setting(normalization, loaded),
         }
-        return cls(loaded, settings, InspectorOptions(**options), devices, checkpoint)
+        return cls(loaded, resolved, InspectorOptions(**options), devices, checkpoint, name)
+
+    @classmethod
+    def load_models(cls, checkpoints: Mapping[str, str | os.PathLike], **settings) -> Inspector:
+        """One inspector answering with any of ``checkpoints`` (name -> run folder or
+        ``.pkl``), each with its own settings (`load`'s keyword arguments apply to all)."""
+        models = [cls.load(path, name=name, **settings) for name, path in checkpoints.items()]
+        return models[0] if len(models) == 1 else cls.of_models(models)
+
+    @classmethod
+    def of_models(cls, models: Sequence[Inspector]) -> Inspector:
+        """One inspector answering with any of ``models`` (single-model inspectors with the
+        same options and devices, named apart): images for models of one width share
+        compiled calls (`cheapnet_jax.members`), each answered with its model's weights,
+        normalisation, threshold and minimum area. Its ``loaded``, ``settings`` and the like
+        are the first model's."""
+        first = models[0]
+        names = [model.name for model in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models named alike: {names}")
+        if any(m.options != first.options or m.devices != first.devices for m in models):
+            raise ValueError("the models' inspectors must share their options and devices")
+        inspector = cls.__new__(cls)
+        inspector.__dict__.update(
+            {key: value for key, value in vars(first).items() if key != "models"}
+        )
+        inspector.models = {model.name: model for model in models}
+        by_width: dict[int, list[Inspector]] = collections.defaultdict(list)
+        for model in models:
+            by_width[model.loaded.model.features].append(model)
+        inspector._groups = {
+            features: _MemberGroup.of(members, first.options, first.devices)
+            for features, members in by_width.items()
+        }
+        return inspector
 
     @property
     def threshold(self) -> float:
@@ -416,33 +491,63 @@ class Inspector:
         min_area: int | None = None,
         keep_masks: bool = False,
         keep_probabilities: bool = False,
+        model: str | Sequence[str] | None = None,
     ) -> list[Result]:
         """The results of uint8 grayscale images ``[H, W]`` of any sizes (a list, or one
-        ``[B, H, W]`` array), in order. ``threshold`` and ``min_area`` override the
-        inspector's settings for this call; ``keep_masks`` and ``keep_probabilities`` keep
-        each image's mask and probability map (the heatmap) in its result."""
+        ``[B, H, W]`` array), in order. ``threshold`` and ``min_area`` override the models'
+        settings for this call; ``keep_masks`` and ``keep_probabilities`` keep each image's
+        mask and probability map (the heatmap) in its result. ``model``: which model answers,
+        one name for all or a name per image (needed where the inspector has several)."""
         images = as_images(images)
-        threshold, min_area = self._chosen(threshold, min_area)
+        names = self.model_names(model, len(images))
         results: list[Result | None] = [None] * len(images)
-        by_shape: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        batches: dict[tuple, list[int]] = collections.defaultdict(list)
         for index, image in enumerate(images):
             if self.tiled(image.shape):
                 results[index] = self.inspect_tiled(
-                    0, image, threshold, min_area, keep_masks, keep_probabilities
+                    0, image, threshold, min_area, keep_masks, keep_probabilities, names[index]
                 )
             else:
-                by_shape[image.shape].append(index)
+                batches[(self.width_of(names[index]), image.shape)].append(index)
         size = self.options.batch_size
-        for indices in by_shape.values():
+        for indices in batches.values():
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
-                batch = [images[index] for index in chunk]
                 found = self.inspect_batch(
-                    0, batch, threshold, min_area, keep_masks, keep_probabilities
+                    0,
+                    [images[index] for index in chunk],
+                    threshold,
+                    min_area,
+                    keep_masks,
+                    keep_probabilities,
+                    [names[index] for index in chunk],
                 )
                 for index, result in zip(chunk, found, strict=True):
                     results[index] = result
         return results
+
+    def model_names(self, model: str | Sequence[str] | None, count: int) -> list[str]:
+        """The model of each of ``count`` images: ``model`` (one name, or one per image),
+        or the only model; UnknownModelError naming the models for an unknown one."""
+        if model is None:
+            if len(self.models) > 1:
+                raise UnknownModelError(
+                    f"several models answer here ({', '.join(self.models)}): name one (model=...)"
+                )
+            return [self.name] * count
+        names = [model] * count if isinstance(model, str) else list(model)
+        if len(names) != count:
+            raise ValueError(f"model: {len(names)} names for {count} images")
+        for name in names:
+            if name not in self.models:
+                raise UnknownModelError(
+                    f"no model {name!r} here; the models: {', '.join(self.models)}"
+                )
+        return names
+
+    def width_of(self, model: str) -> int:
+        """The width G of the model named ``model``."""
+        return self.models[model].loaded.model.features
 
     def inspect_files(
         self,
@@ -454,18 +559,21 @@ class Inspector:
         keep_probabilities: bool = False,
         keep_images: bool = False,
         decode_threads: int = data.DECODE_THREADS,
+        model: str | Sequence[str] | None = None,
     ) -> Iterator[tuple[Path, Result]]:
         """``(path, result)`` of every image file, in order (an error alone, as it is met),
         streaming: threads decode ahead, a thread runs the device's part of each batch and
         another the host's, a bounded number of batches ahead of the consumer. A file that
         cannot be inspected (unreadable, 16-bit, ...) is a result with its ``error``; colour
         images are converted to grayscale with a ``warning``; ``keep_images`` keeps the pixels
-        read in each result (for overlays). Stopping the iteration early stops the work."""
-        threshold, min_area = self._chosen(threshold, min_area)
+        read in each result (for overlays). ``model``: which model answers, one name for all
+        or one per path. Stopping the iteration early stops the work."""
         keep = (keep_masks, keep_probabilities)
         batch_size = self.options.batch_size
+        paths = [Path(p) for p in paths]
+        names = self.model_names(model, len(paths))
         decoded = data.threaded_map(
-            _decode, [Path(p) for p in paths], decode_threads, ahead=2 * batch_size
+            _decode, list(zip(paths, names, strict=True)), decode_threads, ahead=2 * batch_size
         )
         ready: queue.Queue = queue.Queue(maxsize=FILE_BATCHES_AHEAD)
         stop = threading.Event()
@@ -478,23 +586,27 @@ class Inspector:
         def produce() -> None:
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="inspect-host") as host:
-                    for items, in_tiles in _file_groups(decoded, batch_size, self.tiled):
+                    groups = _file_groups(decoded, batch_size, self.tiled, self.width_of)
+                    for items, in_tiles in groups:
                         if stop.is_set():
                             return
-                        if items[0][3] is not None:  # an error passes alone
-                            error = items[0][3]
+                        if items[0].error is not None:  # an error passes alone
+                            error = items[0].error
                             work = finished(items, [Result(0, 0, [], error=error)])
                         elif in_tiles:
-                            image = items[0][1]
+                            image, name = items[0].image, items[0].model
                             # masks of tiled images only up to tile_above pixels (image-sized)
                             small = image.size <= self.options.tile_above
+                            keep_small = (keep[0] and small, keep[1] and small)
                             result = self.inspect_tiled(
-                                0, image, threshold, min_area, keep[0] and small, keep[1] and small
+                                0, image, threshold, min_area, *keep_small, name
                             )
                             work = finished(items, [result])
                         else:
-                            images = [image for _, image, _, _ in items]
-                            finish = self.start_batch(0, images, threshold, min_area, *keep)
+                            images = [item.image for item in items]
+                            finish = self.start_batch(
+                                0, images, threshold, min_area, *keep, [i.model for i in items]
+                            )
                             work = host.submit(lambda i=items, f=finish: (i, f()))
                         _put(ready, work, stop)
             except BaseException as err:  # raised in the consumer's thread
@@ -510,10 +622,11 @@ class Inspector:
                 if isinstance(work, BaseException):
                     raise work
                 items, results = work.result()
-                for (path, image, warning, _), result in zip(items, results, strict=True):
-                    result.warning = warning
-                    result.image = image if keep_images else None
-                    yield path, result
+                for item, result in zip(items, results, strict=True):
+                    result.warning = item.warning
+                    result.image = item.image if keep_images else None
+                    result.model = item.model
+                    yield item.path, result
         finally:
             stop.set()
             producer.join()
@@ -522,24 +635,26 @@ class Inspector:
         self,
         device: int,
         images: list[np.ndarray],
-        threshold: float,
-        min_area: int,
+        threshold: float | None,
+        min_area: int | None,
         keep_masks: bool = False,
         keep_probabilities: bool = False,
+        models: Sequence[str] | None = None,
     ) -> list[Result]:
         """`start_batch`'s two parts one after the other."""
         return self.start_batch(
-            device, images, threshold, min_area, keep_masks, keep_probabilities
+            device, images, threshold, min_area, keep_masks, keep_probabilities, models
         )()
 
     def start_batch(
         self,
         device: int,
         images: list[np.ndarray],
-        threshold: float,
-        min_area: int,
+        threshold: float | None,
+        min_area: int | None,
         keep_masks: bool = False,
         keep_probabilities: bool = False,
+        models: Sequence[str] | None = None,
     ) -> Callable[[], list[Result]]:
         """A batch of same-sized uint8 images ``[H, W]`` (at most ``batch_size``) in two
         parts: the device's, done here on local device ``device``, and the host's, returned
@@ -547,7 +662,16 @@ class Inspector:
         device runs the network alone and the returned function labels and measures the
         masks (`detections_on_host`: the detector's very arrays), so that the next batch's
         network can run meanwhile; elsewhere the device runs the whole detector and the
-        function only lists the defects."""
+        function only lists the defects. ``threshold`` and ``min_area``: None for each
+        model's own. ``models``: each image's model (of one width), where there are
+        several."""
+        names = self.model_names(models, len(images))
+        if self._groups:
+            group = self._groups[self.width_of(names[0])]
+            return group.start_batch(
+                self, device, images, threshold, min_area, names, keep_masks, keep_probabilities
+            )
+        threshold, min_area = self._chosen(threshold, min_area)
         height, width = images[0].shape
         padded = np.stack([pad_to_multiple(image) for image in images])  # uint8 [B, H, W]
         x = pad_batch(padded, compiled_batch_size(len(images), self.options.batch_size))
@@ -558,17 +682,20 @@ class Inspector:
                 probabilities = self._network(self._variables[device], x, crop=(height, width))
                 probabilities = np.asarray(jax.device_get(probabilities))[:count]
             max_components = self.options.max_components
-            return lambda: batch_results(
-                detections_on_host(
-                    probabilities,
-                    threshold=threshold,
-                    max_components=max_components,
-                    min_area=min_area,
+            return lambda: _named(
+                batch_results(
+                    detections_on_host(
+                        probabilities,
+                        threshold=threshold,
+                        max_components=max_components,
+                        min_area=min_area,
+                    ),
+                    count,
+                    (height, width),
+                    keep_masks,
+                    keep_probabilities,
                 ),
-                count,
-                (height, width),
-                keep_masks,
-                keep_probabilities,
+                self.name,
             )
         detector = self.detector(threshold, min_area)
         with self._executing:
@@ -582,19 +709,31 @@ class Inspector:
                     masks=found.masks if keep_masks else None,
                 )
             )
-        return lambda: batch_results(found, count, (height, width), keep_masks, keep_probabilities)
+        return lambda: _named(
+            batch_results(found, count, (height, width), keep_masks, keep_probabilities),
+            self.name,
+        )
 
     def inspect_tiled(
         self,
         device: int,
         image: np.ndarray,
-        threshold: float,
-        min_area: int,
+        threshold: float | None,
+        min_area: int | None,
         keep_masks: bool = False,
         keep_probabilities: bool = False,
+        model: str | None = None,
     ) -> Result:
         """The result of one image in exact tiles (`tiling.detect_tiled`) of ``tile`` pixels
-        (`DEFAULT_TILE` when not set), on local device ``device``."""
+        (`DEFAULT_TILE` when not set), on local device ``device``, by ``model`` (where there
+        are several). ``threshold`` and ``min_area``: None for the model's own."""
+        name = self.model_names(model, 1)[0]
+        if name != self.name or self._groups:
+            answering = self.models[name]
+            return answering.inspect_tiled(
+                device, image, threshold, min_area, keep_masks, keep_probabilities
+            )
+        threshold, min_area = self._chosen(threshold, min_area)
         keep_maps = keep_masks or keep_probabilities
         with self._executing, jax.default_device(self.devices[device]):
             found = detect_tiled(
@@ -609,11 +748,21 @@ class Inspector:
         result = _tiled_result(found, image.shape)
         result.mask = result.mask if keep_masks else None
         result.probabilities = result.probabilities if keep_probabilities else None
+        result.model = self.name
         return result
 
     def warm(self, shape: tuple[int, int]) -> None:
         """Compile the default settings' programs for images of ``shape`` on every device, at
-        every batch size a call can run as (powers of two up to ``batch_size``)."""
+        every batch size a call can run as (powers of two up to ``batch_size``); for every
+        width where there are several models."""
+        if self._groups and not self.tiled(shape):
+            for group in self._groups.values():
+                group.warm(self, shape)
+            return
+        if self._groups:
+            for model in self.models.values():
+                model.warm(shape)
+            return
         if self.tiled(shape):
             blank = np.zeros(shape, np.uint8)
             for device in range(len(self.devices)):
@@ -627,33 +776,167 @@ class Inspector:
                 self.inspect_batch(device, blank, self.threshold, self.min_area)
 
 
-def _decode(path: Path) -> tuple[Path, np.ndarray | None, str | None, str | None]:
-    """``(path, image, warning, error)`` of an image file."""
+@dataclass
+class _MemberGroup:
+    """The models of one width of a several-model inspector, run as one (`members`): their
+    weights stacked on a member axis (a copy per device), their normalisation tables, their
+    thresholds and minimum areas, and the programs that take a member index per image."""
+
+    names: list[str]
+    index: dict[str, int]
+    variables: list  # stacked, one copy per device
+    tables: list  # float32 [M, 256], one copy per device
+    thresholds: np.ndarray  # float32 [M]
+    min_areas: np.ndarray  # int32 [M]
+    labels_on_host: bool
+    network: Callable
+    detector: Callable
+
+    @classmethod
+    def of(
+        cls, models: Sequence[Inspector], options: InspectorOptions, devices: list
+    ) -> _MemberGroup:
+        stacked = stack_members([m.loaded.variables for m in models])
+        tables = normalization_tables([(m.normalization.mean, m.normalization.std) for m in models])
+        model = models[0].loaded.model
+        return cls(
+            names=[m.name for m in models],
+            index={m.name: i for i, m in enumerate(models)},
+            variables=[jax.device_put(stacked, d) for d in devices],
+            tables=[jax.device_put(tables, d) for d in devices],
+            thresholds=np.array([m.threshold for m in models], np.float32),
+            min_areas=np.array([m.min_area for m in models], np.int32),
+            labels_on_host=models[0].labels_on_host,
+            network=make_member_network(model, dtype=options.dtype),
+            detector=make_member_detector(
+                model, max_components=options.max_components, dtype=options.dtype
+            ),
+        )
+
+    def start_batch(
+        self,
+        inspector: Inspector,
+        device: int,
+        images: list[np.ndarray],
+        threshold: float | None,
+        min_area: int | None,
+        names: list[str],
+        keep_masks: bool,
+        keep_probabilities: bool,
+    ) -> Callable[[], list[Result]]:
+        """`Inspector.start_batch` of images answered by these members."""
+        height, width = images[0].shape
+        count = len(images)
+        size = compiled_batch_size(count, inspector.options.batch_size)
+        member = np.array([self.index[name] for name in names], np.int32)
+        thresholds = self.thresholds[member] if threshold is None else np.full(count, threshold)
+        min_areas = self.min_areas[member] if min_area is None else np.full(count, min_area)
+        thresholds = thresholds.astype(np.float32)
+        min_areas = min_areas.astype(np.int32)
+        padded = np.stack([pad_to_multiple(image) for image in images])
+        on_device = jax.device_put(
+            (pad_batch(padded, size), pad_batch(member, size)), inspector.devices[device]
+        )
+        x, member_of = on_device
+        weights, tables = self.variables[device], self.tables[device]
+        max_components = inspector.options.max_components
+        if self.labels_on_host:
+            with inspector._executing:
+                probabilities = self.network(weights, tables, x, member_of, crop=(height, width))
+                probabilities = np.asarray(jax.device_get(probabilities))[:count]
+            return lambda: _named(
+                batch_results(
+                    detections_on_host(
+                        probabilities,
+                        threshold=thresholds[:, None, None],
+                        max_components=max_components,
+                        min_area=min_areas[:, None],
+                    ),
+                    count,
+                    (height, width),
+                    keep_masks,
+                    keep_probabilities,
+                ),
+                names,
+            )
+        limits = jax.device_put(
+            (pad_batch(thresholds, size), pad_batch(min_areas, size)), inspector.devices[device]
+        )
+        with inspector._executing:
+            found = self.detector(weights, tables, x, member_of, *limits, crop=(height, width))
+            found = jax.device_get(
+                found._replace(
+                    probabilities=found.probabilities if keep_probabilities else None,
+                    labels=None,
+                    masks=found.masks if keep_masks else None,
+                )
+            )
+        return lambda: _named(
+            batch_results(found, count, (height, width), keep_masks, keep_probabilities), names
+        )
+
+    def warm(self, inspector: Inspector, shape: tuple[int, int]) -> None:
+        """Compile the programs for images of ``shape`` at every batch size, on every
+        device."""
+        largest = inspector.options.batch_size
+        sizes = sorted({compiled_batch_size(n, largest) for n in range(1, largest + 1)})
+        for device in range(len(inspector.devices)):
+            for size in sizes:
+                blank = [np.zeros(shape, np.uint8)] * size
+                names = [self.names[i % len(self.names)] for i in range(size)]
+                self.start_batch(inspector, device, blank, None, None, names, False, False)()
+
+
+def _named(results: list[Result], names: Sequence[str] | str) -> list[Result]:
+    """``results``, each with the name of the model that answered it."""
+    names = [names] * len(results) if isinstance(names, str) else names
+    for result, name in zip(results, names, strict=True):
+        result.model = name
+    return results
+
+
+class _Decoded(NamedTuple):
+    """An image file read for `Inspector.inspect_files`, with the model that answers it."""
+
+    path: Path
+    image: np.ndarray | None
+    warning: str | None
+    error: str | None
+    model: str
+
+
+def _decode(path_and_model: tuple[Path, str]) -> _Decoded:
+    path, model = path_and_model
     try:
         data.check_regular_file(path)
         image, warning = data.load_image(path, convert_to_grayscale=True)
-        return path, image, warning, None
+        return _Decoded(path, image, warning, None, model)
     except data.DataError as err:
-        return path, None, None, str(err)
+        return _Decoded(path, None, None, str(err), model)
 
 
-def _file_groups(decoded: Iterator, batch_size: int, tiled) -> Iterator[tuple[list, bool]]:
-    """Decoded files in groups of one image size, at most ``batch_size``: ``(items, in
-    tiles)``. A file that could not be decoded and an image that goes through tiles pass alone
-    (an error as soon as it is met)."""
+def _file_groups(
+    decoded: Iterator[_Decoded], batch_size: int, tiled, width_of
+) -> Iterator[tuple[list[_Decoded], bool]]:
+    """Decoded files in groups of one image size and model width, at most ``batch_size``:
+    ``(items, in tiles)``. A file that could not be decoded and an image that goes through
+    tiles pass alone (an error as soon as it is met)."""
     batch: list = []
+    batch_key = None
     for item in decoded:
-        _, image, _, error = item
-        if error is not None:
+        if item.error is not None:
             yield [item], False
             continue
+        image = item.image
         in_tiles = tiled(image.shape)
-        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape or in_tiles):
+        key = (image.shape, width_of(item.model))
+        if batch and (len(batch) == batch_size or batch_key != key or in_tiles):
             yield batch, False
             batch = []
         if in_tiles:
             yield [item], True
             continue
+        batch_key = key
         batch.append(item)
     if batch:
         yield batch, False

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
-from cheapnet_jax.checkpoints import Checkpoints
+from cheapnet_jax.checkpoints import MEMBERS_DIR, POPULATION_FILE, Checkpoints
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.losses import LOSSES
@@ -78,8 +78,6 @@ from cheapnet_jax.training import (
 
 MEMBER_KEYS = ("seed", "lr", "loss", "classes", "data")
 """The settings in which members may differ (``--population KEY=VALUES``)."""
-MEMBERS_DIR = "members"
-POPULATION_FILE = "population.json"
 SUMMARY_FILE = "population.csv"
 
 

@@ -162,31 +162,38 @@ def predict_files(
     paths: list[Path],
     out_dir: str | os.PathLike,
     options: PredictOptions = PredictOptions(),
+    models: Sequence[str] | None = None,
 ) -> dict:
     """Inspect ``paths`` and write their records (and overlays); returns ``{"images",
-    "failed", "skipped"}`` counts.
+    "failed", "skipped"}`` counts. ``models``: each path's model, where the inspector has
+    several (its records then name it).
 
     ``out_dir`` is locked while the run uses it: a second run on it stops with
     FolderInUseError instead of interleaving its records with this one's.
     """
     out_dir = Path(out_dir)
     with exclusive_lock(out_dir, "predict.py run"):
-        return _predict_files(inspector, paths, out_dir, options)
+        return _predict_files(inspector, paths, out_dir, options, models)
 
 
-def _predict_files(inspector: Inspector, paths, out_dir: Path, options: PredictOptions) -> dict:
+def _predict_files(
+    inspector: Inspector, paths, out_dir: Path, options: PredictOptions, models
+) -> dict:
     done = finished_files(out_dir) if options.resume else set()
     if not options.resume:
         (out_dir / RECORDS_FILE).unlink(missing_ok=True)
-    todo = [p for p in paths if resume_key(p) not in done]
+    names = inspector.model_names(models, len(paths))
+    todo = [(p, name) for p, name in zip(paths, names, strict=True) if resume_key(p) not in done]
     counts = {"images": 0, "failed": 0, "skipped": len(paths) - len(todo)}
     progress = tqdm(total=len(todo), desc="predict", unit="img", disable=not options.progress)
     inspected = inspector.inspect_files(
-        todo,
+        [p for p, _ in todo],
         keep_masks=options.overlays,
         keep_images=options.overlays,
         decode_threads=options.decode_threads,
+        model=[name for _, name in todo],
     )
+    several = len(inspector.models) > 1
     records_file = out_dir / RECORDS_FILE
     with (
         records_file.open("a", encoding="utf-8", errors="surrogateescape") as records,
@@ -204,6 +211,8 @@ def _predict_files(inspector: Inspector, paths, out_dir: Path, options: PredictO
 
         for path, result in inspected:
             record = image_record(path, result)
+            if several:
+                record["model"] = result.model
             written = None
             if result.error is not None:
                 write_waiting()
@@ -240,11 +249,15 @@ def write_summaries(out_dir: Path) -> None:
         records[record.get("key", record["file"])] = record
     write_atomic(out_dir / "defects.json", json.dumps(list(records.values()), indent=2) + "\n")
     columns = ["file", "verdict", "x1", "y1", "x2", "y2", "area", "score", "error"]
+    if any("model" in record for record in records.values()):
+        columns.insert(1, "model")  # a run of several models (predict.py --route)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, columns)
     writer.writeheader()
     for record in records.values():
         base = {"file": record["file"], "verdict": record.get("verdict", "ERROR")}
+        if "model" in columns:
+            base["model"] = record.get("model", "")
         if "error" in record:
             writer.writerow({**base, "error": record["error"]})
         elif not record["defects"]:

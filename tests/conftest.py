@@ -115,6 +115,20 @@ def shared_across_workers(tmp_path_factory, name: str, build) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def population_run(tmp_path_factory) -> Path:
+    """A population workdir of two CheapNet-S members (seeds 0 and 1: ``seed-0``, ``seed-1``)
+    trained on synthetic 32x32 images (`small_config`), made once per session and read-only
+    (copy it to change it)."""
+
+    def build(folder: Path) -> None:
+        from cheapnet_jax.population import parse_axis, population_grid, train_population
+
+        train_population(small_config(folder), population_grid([parse_axis("seed=0,1")]))
+
+    return shared_across_workers(tmp_path_factory, "population-seeds", build)
+
+
 def checkpoint_path(features: int) -> Path:
     """The authors' checkpoint of width G; skips the test when it is not there."""
     path = CHECKPOINTS / f"CheapNet_G{features}.pkl"

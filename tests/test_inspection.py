@@ -22,6 +22,7 @@ from scipy import ndimage
 from cheapnet_jax import Defect, Inspector, Result
 from cheapnet_jax.checkpoints import Normalization, calibration_path
 from cheapnet_jax.data import normalize, pad_to_multiple
+from cheapnet_jax.errors import UnknownModelError
 from cheapnet_jax.prediction import read_records
 from cheapnet_jax.synthetic import make_split
 
@@ -256,3 +257,94 @@ def test_the_engine_is_the_only_place_that_pads_and_batches():
         for twin in ("pad_to_multiple(", "make_detector(", "make_network(", "detect_tiled("):
             assert twin not in source, f"{module} calls {twin}"
         assert "Inspector" in source, module
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Four random models: three of width 2 (other seeds, one with its own normalisation)
+    and one of width 4, each calibrated to a threshold inside its probabilities' range (so
+    that each finds defects), one with a minimum area."""
+    folder = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, features, seed, threshold, min_area in (
+        ("a", 2, 0, 0.4585, 0),
+        ("b", 2, 1, 0.512, 3),
+        ("c", 2, 2, 0.4708, 0),
+        ("wide", 4, 3, 0.4995, 0),
+    ):
+        paths[name] = folder / f"{name}.pkl"
+        save_reference(random_reference(features, seed=seed), paths[name])
+        calibration = {"threshold": threshold, "min_area": min_area}
+        calibration_path(paths[name]).write_text(json.dumps(calibration))
+    return paths
+
+
+@pytest.mark.parametrize("labels_on_host", [True, False])
+def test_images_for_several_models_are_each_answered_as_their_model_alone(models, labels_on_host):
+    """One inspector of four models (two widths): a mixed list of images, each with its
+    model, answered exactly as that model's own inspector answers it (defects, scores, masks,
+    probabilities), with its own threshold, minimum area and normalisation; the batch of the
+    width-2 models is one call."""
+    options = dict(batch_size=4, labels_on_host=labels_on_host)
+    normalization = {"c": NORMALIZATION}
+    solo = {
+        name: Inspector.load(path, normalization=normalization.get(name), **options)
+        for name, path in models.items()
+    }
+    together = Inspector.of_models(
+        [Inspector.load(p, name=n, normalization=normalization.get(n), **options)
+         for n, p in models.items()]
+    )  # fmt: skip
+    assert list(together.models) == ["a", "b", "c", "wide"]
+    images = sample_images(((48, 40),) * 7)
+    names = ["a", "b", "wide", "c", "b", "a", "wide"]
+    answers = together.inspect(images, model=names, keep_masks=True, keep_probabilities=True)
+    for image, name, answer in zip(images, names, answers, strict=True):
+        alone = solo[name].inspect([image], keep_masks=True, keep_probabilities=True)[0]
+        assert answer.model == name and alone.model == name.join(["", ".pkl"])
+        assert answer.defects == alone.defects, name
+        assert answer.components_left_out == alone.components_left_out
+        np.testing.assert_array_equal(answer.mask, alone.mask)
+        np.testing.assert_array_equal(answer.probabilities, alone.probabilities)
+    assert len({a.model for a in answers if a.defects}) >= 3  # not a vacuous comparison
+    # a call's threshold overrides every model's; an unknown model is named with the others
+    override = together.inspect(images[:2], model=["a", "b"], threshold=0.55, min_area=0)
+    assert (
+        override[1].defects == solo["b"].inspect(images[1:2], threshold=0.55, min_area=0)[0].defects
+    )
+    with pytest.raises(UnknownModelError, match=r"no model 'x' here; the models: a, b, c, wide"):
+        together.inspect(images[:1], model="x")
+    with pytest.raises(UnknownModelError, match=r"several models answer here"):
+        together.inspect(images[:1])
+
+
+def test_a_population_workdir_loads_every_member(population_run, tmp_path):
+    """``Inspector.load`` of a population workdir: every member, named as in its
+    population.json, each answering as its own run folder does; or one member (``model=``);
+    files streamed to their members."""
+    population = Inspector.load(population_run)
+    assert list(population.models) == ["seed-0", "seed-1"]
+    one = Inspector.load(population_run, model="seed-1")
+    assert one.name == "seed-1" and list(one.models) == ["seed-1"]
+    with pytest.raises(UnknownModelError, match=r"no member 'seed-9'; its members: seed-0"):
+        Inspector.load(population_run, model="seed-9")
+    paths = []
+    for index, image in enumerate(sample_images(((32, 32),) * 4)):
+        paths.append(tmp_path / f"{index}.png")
+        Image.fromarray(image).save(paths[-1])
+    names = ["seed-0", "seed-1", "seed-1", "seed-0"]
+    streamed = list(population.inspect_files(paths, model=names, keep_probabilities=True))
+    assert [r.model for _, r in streamed] == names
+    for (path, result), name in zip(streamed, names, strict=True):
+        alone = Inspector.load(population_run / "members" / name)
+        expected = alone.inspect([np.asarray(Image.open(path))], keep_probabilities=True)[0]
+        assert result.defects == expected.defects
+        np.testing.assert_array_equal(result.probabilities, expected.probabilities)
+    # the two members answer differently: each image went to its own
+    first = [r.probabilities for _, r in streamed]
+    assert not np.array_equal(
+        first[0],
+        population.inspect(
+            [np.asarray(Image.open(paths[0]))], model="seed-1", keep_probabilities=True
+        )[0].probabilities,
+    )

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, cli_env, kill_at_first_checkpoint, run_tool, small_config
+from PIL import Image
 
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.errors import SettingsError
@@ -329,3 +333,92 @@ def test_a_killed_population_resumes_every_member_bit_identically(tmp_path):
     assert figures["checkpoint"].startswith(str(tmp_path / "b" / "members" / "seed-2"))
     assert figures["normalization"] == member_meta["normalization"]  # the member's own
     assert 0 <= figures["miou"] <= 1
+
+
+def test_predict_routes_each_folder_to_its_member(population_run, tmp_path):
+    """``predict.py --route FOLDER=NAME``: one run inspects two products, each file by its
+    folder's member, as that member's own run folder answers it; the records and the CSV name
+    the member. ``--model NAME`` inspects with one member; a population without either is
+    refused in one line."""
+    from cheapnet_jax.inspection import Inspector
+    from cheapnet_jax.prediction import read_records
+
+    folders = {}
+    for name, seed in (("seed-0", 4), ("seed-1", 5)):
+        folders[name] = write_dagm_folder(tmp_path / name, count=3, size=32, seed=seed)
+    out = tmp_path / "out"
+    routes = [f"--route={folders[n]}={n}" for n in folders]
+    run = run_tool(
+        "predict.py", "--checkpoint", str(population_run), *routes, "--out", str(out),
+        "--no-progress", "--no-overlays",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    records = read_records(out)
+    assert sorted(r["model"] for r in records) == ["seed-0"] * 3 + ["seed-1"] * 3
+    for name, folder in folders.items():
+        alone = Inspector.load(population_run / "members" / name)
+        for record in (r for r in records if r["model"] == name):
+            assert Path(record["file"]).parent == folder
+            image = np.asarray(Image.open(record["file"]))
+            expected = alone.inspect([image])[0]
+            assert record["defects"] == [d.as_dict() for d in expected.defects]
+    assert (out / "defects.csv").read_text().startswith("file,model,verdict,")
+
+    one = run_tool(
+        "predict.py", "--checkpoint", str(population_run), "--model", "seed-1",
+        str(folders["seed-0"]), "--out", str(tmp_path / "one"), "--no-progress", "--no-overlays",
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    alone = Inspector.load(population_run / "members" / "seed-1")
+    for record in read_records(tmp_path / "one"):
+        expected = alone.inspect([np.asarray(Image.open(record["file"]))])[0]
+        assert record["defects"] == [d.as_dict() for d in expected.defects]
+        assert "model" not in record
+    refused = run_tool(
+        "predict.py", "--checkpoint", str(population_run), str(folders["seed-0"]),
+        "--out", str(tmp_path / "none"),
+    )  # fmt: skip
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "a population (seed-0, seed-1): inspect with one member (--model NAME)" in (
+        refused.stderr
+    )
+
+
+def test_evaluate_a_population_is_the_paper_s_per_class_table(population_run, tmp_path):
+    """``evaluate.py`` of a population workdir: a row per member equal to evaluating that
+    member's folder alone (on its own held-out split), and their mean, printed and as JSON
+    and CSV; ``--calibrate`` calibrates each member and stores it with that member."""
+    population = tmp_path / "population"
+    shutil.copytree(population_run, population)
+    out = tmp_path / "members"
+    run = run_tool(
+        "evaluate.py", "--checkpoint", str(population), "--data", "validation",
+        "--json", str(out / "table.json"), "--csv", str(out / "table.csv"), "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    table = json.loads((out / "table.json").read_text())
+    assert list(table["members"]) == ["seed-0", "seed-1"]
+    for name in ("seed-0", "seed-1"):
+        alone = run_tool(
+            "evaluate.py", "--checkpoint", str(population / "members" / name), "--data",
+            "validation", "--json", str(tmp_path / f"{name}.json"), "--no-progress",
+        )  # fmt: skip
+        assert alone.returncode == 0, alone.stderr
+        expected = json.loads((tmp_path / f"{name}.json").read_text())
+        assert table["members"][name]["confusion"] == expected["confusion"]
+        assert table["members"][name]["miou"] == expected["miou"]
+    mious = [table["members"][n]["miou"] for n in ("seed-0", "seed-1")]
+    assert table["mean"]["miou"] == pytest.approx(sum(mious) / 2)
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    assert [row["member"] for row in rows] == ["seed-0", "seed-1", "mean"]
+    assert float(rows[2]["miou"]) == pytest.approx(table["mean"]["miou"])
+    assert "member  images  mIoU" in run.stdout and "\nmean " in run.stdout
+
+    # (synthetic validation images with good ones: the members' held-out splits have none)
+    calibrated = run_tool(
+        "evaluate.py", "--checkpoint", str(population), "--data", "synthetic", "--calibrate",
+        "--no-progress",
+    )  # fmt: skip
+    assert calibrated.returncode == 0, calibrated.stderr
+    for name in ("seed-0", "seed-1"):
+        assert (population / "members" / name / "calibration.json").is_file()

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -626,6 +627,97 @@ def test_the_model_description_and_its_weights_digest(random_pkl, tmp_path):
     assert not wide.labels_on_host
 
 
+def test_several_models_share_batches_and_answer_each_as_alone(tmp_path):
+    """Three models of G = 2 (other seeds; one calibrated, one with its own normalisation)
+    and one of G = 4 served at once: GET /v1/models describes each; concurrent requests for
+    all four through POST /v1/models/{name}/inspect (the fast path, and the route with a
+    query) are each answered as that model's own inspector answers; models of one width
+    share device calls; an unknown name is a 404 naming the served ones; /v1/inspect asks
+    which model; the metrics count each model's answers."""
+    paths = {name: random_checkpoint(tmp_path, seed=seed) for seed, name in enumerate("abc")}
+    paths["wide"] = random_checkpoint(tmp_path, seed=3, features=4)
+    calibration_path(paths["b"]).write_text(json.dumps({"threshold": 0.45, "min_area": 2}))
+    normalizations = {"c": (0.4, 0.3)}
+    inspector = Inspector.of_models(
+        [Inspector.load(p, name=n, normalization=normalizations.get(n), batch_size=8)
+         for n, p in paths.items()]
+    )  # fmt: skip
+    app = create_app(inspector, ServiceOptions(warm=((32, 32),), max_wait_ms=300))
+    rng = np.random.default_rng(5)
+    images = [
+        ndimage.gaussian_filter(rng.random((32, 32)) * 255, 1.5).astype(np.uint8) for _ in range(8)
+    ]
+    names = ["a", "b", "c", "wide", "a", "b", "c", "a"]
+    png = {"content-type": "image/png"}
+
+    async def scenario(client):
+        described = (await client.get("/v1/models")).json()
+        answers = await asyncio.gather(
+            *(
+                client.post(f"/v1/models/{name}/inspect", content=png_bytes(image), headers=png)
+                for name, image in zip(names, images, strict=True)
+            )
+        )
+        overlay = await client.post(
+            "/v1/models/b/inspect",
+            params={"overlay": "true"},
+            content=png_bytes(images[1]),
+            headers=png,
+        )
+        unknown = await client.post(
+            "/v1/models/zz/inspect", content=png_bytes(images[0]), headers=png
+        )
+        unnamed = await client.post("/v1/inspect", content=png_bytes(images[0]), headers=png)
+        metrics = (await client.get("/metrics")).text
+        return described, answers, overlay, unknown, unnamed, metrics
+
+    described, answers, overlay, unknown, unnamed, metrics = serve(app, scenario)
+    assert [d["name"] for d in described] == ["a", "b", "c", "wide"]
+    assert [d["features"] for d in described] == [2, 2, 2, 4]
+    assert described[1]["defaults"]["threshold"]["value"] == 0.45
+    assert described[1]["defaults"]["threshold"]["source"].startswith("calibration ")
+    assert described[2]["normalization"] == {"mean": 0.4, "std": 0.3}
+    assert len({d["weights_digest"] for d in described}) == 4
+    for name, image, response in zip(names, images, answers, strict=True):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        alone = Inspector.load(paths[name], normalization=normalizations.get(name))
+        expected = alone.inspect([image])[0]
+        assert answer["model"]["name"] == name
+        assert answer["defects"] == [d.as_dict() for d in expected.defects], name
+        assert answer["verdict"] == expected.verdict
+    assert sum(len(r.json()["defects"]) for r in answers) > 0
+    assert max(r.json()["batch_size"] for r in answers if r.json()["model"]["features"] == 2) > 1
+    assert overlay.status_code == 200 and overlay.json()["overlay_png"]
+    assert unknown.status_code == 404
+    assert unknown.json()["error"] == "no model 'zz' is served; the models: a, b, c, wide"
+    assert (
+        unnamed.status_code == 400 and "POST /v1/models/{name}/inspect" in unnamed.json()["error"]
+    )
+    assert 'cheapnet_inspections_total{model="a",verdict=' in metrics
+    assert 'cheapnet_inspect_latency_seconds_count{model="wide"} 1.0' in metrics
+
+
+def test_a_population_workdir_is_served_by_its_members_names(population_run):
+    inspector = Inspector.load(population_run)
+    app = create_app(inspector, ServiceOptions(warm=()))
+    image = png_bytes(np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8))
+
+    async def scenario(client):
+        models = (await client.get("/v1/models")).json()
+        answer = await client.post(
+            "/v1/models/seed-1/inspect", content=image, headers={"content-type": "image/png"}
+        )
+        return models, answer
+
+    models, answer = serve(app, scenario)
+    assert [m["name"] for m in models] == ["seed-0", "seed-1"]
+    assert answer.status_code == 200 and answer.json()["model"]["name"] == "seed-1"
+    alone = Inspector.load(population_run / "members" / "seed-1")
+    pixels = np.asarray(Image.open(io.BytesIO(image)))
+    assert answer.json()["defects"] == [d.as_dict() for d in alone.inspect([pixels])[0].defects]
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line, as a line runs it: a new process, its own environment, 127.0.0.1.
 
@@ -756,6 +848,21 @@ def test_served_from_the_command_line_drains_on_sigterm(random_pkl, tmp_path):
             line = next(x for x in text.splitlines() if x.startswith("cheapnet_batch_size_count"))
             return float(line.split()[-1])
 
+        # Request heads are bounded on every path, the line's fast path included: just under
+        # 64 KiB is answered, just over is 431 and the connection closed; a head of 16 MiB
+        # is refused before it is all read, and the process does not hold it.
+        auth = f"authorization: {server.headers['authorization']}\r\n"
+        under = raw_request(server.port, image, auth + pad_header(60_000))
+        assert under[0] == 200, under
+        over = raw_request(server.port, image, auth + pad_header(70_000))
+        assert over[0] == 431 and over[2], over
+        assert "more than the 65,536 allowed" in json.loads(over[1])["error"]
+        resident = resident_bytes(server.process.pid)
+        huge = raw_request(server.port, image, auth + pad_header(16 << 20))
+        assert huge[0] == 431 and huge[2], huge
+        assert resident_bytes(server.process.pid) - resident < 8 << 20
+        assert raw_request(server.port, image, auth)[0] == 200  # and it goes on serving
+
         # A client that gives up while its image waits for a batch leaves no work behind.
         before = batches()
         with pytest.raises(httpx.ReadTimeout):
@@ -784,11 +891,68 @@ def test_served_from_the_command_line_drains_on_sigterm(random_pkl, tmp_path):
         server.stop()
 
 
+def pad_header(size: int) -> str:
+    """A header line of about ``size`` bytes."""
+    return f"x-pad: {'a' * size}\r\n"
+
+
+def raw_request(port: int, body: bytes, headers: str) -> tuple[int, bytes, bool]:
+    """POST /v1/inspect over a plain socket, the head sent in 64 KiB pieces: ``(status, body,
+    closed by the server)``; a server that closes before the head is all sent still answers
+    what it read."""
+    head = (
+        f"POST /v1/inspect HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: image/png\r\n"
+        f"content-length: {len(body)}\r\n{headers}\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        try:
+            for start in range(0, len(head), 1 << 16):
+                connection.sendall(head[start : start + (1 << 16)])
+            connection.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the head was all read
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = connection.recv(1 << 16)
+            if not chunk:
+                break
+            answer += chunk
+        status_line, _, rest = answer.partition(b"\r\n")
+        head_part, _, payload = rest.partition(b"\r\n\r\n")
+        fields = dict(
+            line.decode().lower().split(": ", 1) for line in head_part.split(b"\r\n") if line
+        )
+        length = int(fields.get("content-length", 0))
+        while len(payload) < length:
+            chunk = connection.recv(1 << 16)
+            if not chunk:
+                break
+            payload += chunk
+        closed = fields.get("connection") == "close"
+        if closed:
+            try:
+                closed = connection.recv(1) == b""
+            except ConnectionResetError:
+                closed = True
+        return int(status_line.split()[1]), payload, closed
+
+
+def resident_bytes(pid: int) -> int:
+    """The resident memory of process ``pid`` (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path):
     empty = tmp_path / "token"
     empty.write_text("\n")
     cases = [
         (["--checkpoint", str(tmp_path / "none.pkl")], "none.pkl"),
+        (["--model", "a b=x.pkl"], "argument --model: 'a b=x.pkl': expected NAME=PATH"),
+        (["--model", "a=x.pkl", "--model", "a=y.pkl"], "--model: a name given twice"),
+        (["--checkpoint", "x.pkl", "--model", "a=x.pkl"], "not allowed with argument"),
         (["--checkpoint", "x.pkl", "--warm", "512,12x"], "argument --warm: '12x': expected"),
         (["--checkpoint", "x.pkl", "--token-file", str(empty)], "--token-file"),
     ]

@@ -21,7 +21,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from cheapnet_jax.errors import UserError
+from cheapnet_jax.errors import SettingsError, UserError
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
@@ -73,8 +73,7 @@ def load_inspector(args: argparse.Namespace):
     from cheapnet_jax.inspection import Inspector, InspectorOptions
 
     fields = [f.name for f in dataclasses.fields(InspectorOptions)]
-    return Inspector.load(
-        args.checkpoint,
+    settings = dict(
         threshold=args.threshold,
         min_area=args.min_area,
         normalization=args.normalization,
@@ -82,6 +81,14 @@ def load_inspector(args: argparse.Namespace):
         impl=args.impl,
         **{name: getattr(args, name) for name in fields if hasattr(args, name)},
     )
+    if getattr(args, "model", None):
+        settings["model"] = args.model  # one member of a population
+    if getattr(args, "models", None):
+        names = [name for name, _ in args.models]
+        if len(set(names)) != len(names):
+            raise SettingsError(f"--model: a name given twice ({', '.join(names)})")
+        return Inspector.load_models(dict(args.models), **settings)
+    return Inspector.load(args.checkpoint, **settings)
 
 
 def settings_line(inspector) -> str:
@@ -213,6 +220,30 @@ def increasing_counts(text: str) -> tuple[int, ...]:
     if any(v < 1 for v in values) or list(values) != sorted(set(values)):
         raise argparse.ArgumentTypeError(f"{text!r}: must be increasing integers >= 1")
     return values
+
+
+def _is_name(text: str) -> bool:
+    return bool(text) and all(c.isalnum() or c in "-_." for c in text)
+
+
+def named_path(text: str) -> tuple[str, str]:
+    """``NAME=PATH``: a name (letters, digits, ``-``, ``_``, ``.``) and a path."""
+    name, sep, path = text.partition("=")
+    if not sep or not path or not _is_name(name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=PATH, NAME of letters, digits, '-', '_' or '.'"
+        )
+    return name, path
+
+
+def routed_folder(text: str) -> tuple[str, str]:
+    """``FOLDER=NAME``: a folder and a model's name."""
+    folder, sep, name = text.rpartition("=")
+    if not sep or not folder or not _is_name(name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected FOLDER=NAME, NAME of letters, digits, '-', '_' or '.'"
+        )
+    return folder, name
 
 
 def normalization(text: str) -> tuple[float, float]:

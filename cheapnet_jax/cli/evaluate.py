@@ -11,7 +11,9 @@ Every default comes from `EvaluationRequest`, whose field names are the flags' `
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from cheapnet_jax.checkpoints import (
     LoadedModel,
     calibration_path,
     load_checkpoint,
+    population_members,
 )
 from cheapnet_jax.detection import INFERENCE_DTYPES
 from cheapnet_jax.errors import SettingsError
@@ -46,6 +49,7 @@ class EvaluationRequest:
     checkpoint: str | None = None
     data_source: str = "synthetic"
     json_path: str | None = None
+    csv_path: str | None = None  # a population's table of members
     features: int = 2
     # None: the checkpoint's statistics, else the authors' Class 6
     normalization: tuple[float, float] | None = None
@@ -135,11 +139,100 @@ SYNTHETIC_DEFECTIVE, SYNTHETIC_GOOD = 16, 8
 
 
 def run_evaluation(request: EvaluationRequest) -> int:
-    """Evaluate, print the table, write JSON if asked; returns the process exit status."""
+    """Evaluate, print the table, write JSON if asked; returns the process exit status. A
+    population workdir: each member (`run_population_evaluation`)."""
     if request.calibrate and request.checkpoint is None:
         raise SettingsError("--calibrate needs --checkpoint: the calibration is stored with it")
     if not request.calibrate and (request.target_fpr, request.target_tpr) != (None, None):
         raise SettingsError("--target-fpr and --target-tpr choose a calibration: add --calibrate")
+    members = population_members(request.checkpoint) if request.checkpoint else None
+    if members is not None:
+        return run_population_evaluation(request, members)
+    if request.csv_path:
+        raise SettingsError("--csv writes a population's table of members: --checkpoint is one")
+    return evaluate_checkpoint(request)[0]
+
+
+MEMBER_COLUMNS = {
+    "images": "images",
+    "miou": "mIoU",
+    "iou_defect": "IoU defect",
+    "map_component": "mAP (components)",
+    "map_paper": "mAP (paper)",
+    "detection_rate": "TPR",
+    "false_alarm_rate": "FPR",
+    "auroc": "AUROC",
+}
+"""A population's table: each member's figures (the paper's per-class table), by column."""
+
+
+def member_row(figures: Mapping) -> dict:
+    """A member's row of `MEMBER_COLUMNS` (image-level figures None without good images)."""
+    image_level = figures.get("image_level", {})
+    return {key: figures.get(key, image_level.get(key)) for key in MEMBER_COLUMNS}
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """The members' mean of each column (over the members that have it)."""
+    mean = {}
+    for key in MEMBER_COLUMNS:
+        values = [row[key] for row in rows if row[key] is not None]
+        mean[key] = sum(values) / len(values) if values else None
+    return mean
+
+
+def format_members(rows: dict[str, dict]) -> str:
+    """The population's table: a row per member and their mean."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "n/a"
+        return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+    table = [["member", *MEMBER_COLUMNS.values()]]
+    table += [[name, *(cell(row[key]) for key in MEMBER_COLUMNS)] for name, row in rows.items()]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in table)  # fmt: skip
+
+
+def run_population_evaluation(request: EvaluationRequest, members: Mapping[str, Path]) -> int:
+    """Each member of a population workdir evaluated (and calibrated, with ``--calibrate``)
+    as its own run folder would be (``--data validation``: its own held-out split), then the
+    members' table with their mean, printed and written as JSON and CSV if asked."""
+    figures, status = {}, 0
+    for name, folder in members.items():
+        print(f"--- member {name}")
+        member = dataclasses.replace(request, checkpoint=str(folder), json_path=None)
+        code, figures[name] = evaluate_checkpoint(member)
+        status = max(status, code)
+    rows = {name: member_row(f) for name, f in figures.items()}
+    rows["mean"] = mean_row(list(rows.values()))
+    print(f"--- population {request.checkpoint} on {request.data_source}")
+    print(format_members(rows))
+    if request.json_path:
+        document = {"members": figures, "mean": rows["mean"]}
+        write_report(request.json_path, json.dumps(document, indent=2) + "\n")
+    if request.csv_path:
+        table = io.StringIO(newline="")
+        writer = csv.writer(table)
+        writer.writerow(["member", *MEMBER_COLUMNS])
+        for name, row in rows.items():
+            writer.writerow([name, *("" if row[k] is None else row[k] for k in MEMBER_COLUMNS)])
+        write_report(request.csv_path, table.getvalue())
+    return status
+
+
+def write_report(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole (its folder made), and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
+    print(f"wrote {path}")
+
+
+def evaluate_checkpoint(request: EvaluationRequest) -> tuple[int, dict]:
+    """One checkpoint's evaluation: its table printed, JSON written if asked, calibrated with
+    ``--calibrate``; returns the exit status and the figures."""
     loaded = load_model(request)
     model, variables, source = loaded.model, loaded.variables, loaded.source
     calibration_data = CalibrationData() if request.calibrate else None
@@ -200,15 +293,13 @@ def run_evaluation(request: EvaluationRequest) -> int:
     print(f"CheapNet(G={model.features}) from {source} on {request.data_source}")
     print(format_table(figures))
     if request.json_path:
-        Path(request.json_path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(request.json_path, json.dumps(figures, indent=2) + "\n")
-        print(f"wrote {request.json_path}")
+        write_report(request.json_path, json.dumps(figures, indent=2) + "\n")
     if stopped:
         print(f"error: {stopped}; the figures above cover those images only", file=sys.stderr)
-        return 1
+        return 1, figures
     if calibration_data is not None:
         store_calibration(request, calibration_data, source)
-    return 0
+    return 0, figures
 
 
 def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list | tfds_data.RecordSplit:
@@ -279,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or 'validation' (the split the checkpoint's training run held out)",
     )
     add("--json", dest="json_path", help="also write the figures to this JSON file")
+    add(
+        "--csv",
+        dest="csv_path",
+        help="a population workdir: also write the members' table to this CSV file",
+    )
     width = parser.add_mutually_exclusive_group()
     width.add_argument("--variant", choices=sorted(VARIANTS), help="S, M or L")
     width.add_argument("--features", type=cli.count, help="width G (overrides --variant)")

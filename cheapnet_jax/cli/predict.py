@@ -16,6 +16,7 @@ import sys
 from cheapnet_jax import cli, data
 from cheapnet_jax.checkpoints import AUTHORS_NORMALIZATION
 from cheapnet_jax.detection import INFERENCE_DTYPES
+from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.inspection import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, InspectorOptions
 from cheapnet_jax.prediction import PredictOptions, find_images, predict_files
 from cheapnet_jax.tiling import DEFAULT_TILE
@@ -27,8 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
         "Find defects in new images: per-image verdicts and defects as JSON/CSV, plus overlays.",
     )
     add = parser.add_argument
-    add("inputs", nargs="+", metavar="INPUT", help="files, folders or globs")
-    add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
+    add("inputs", nargs="*", metavar="INPUT", help="files, folders or globs")
+    add(
+        "--checkpoint",
+        required=True,
+        help="an authors' .pkl, a training workdir, or a population workdir (then --model or "
+        "--route)",
+    )
+    add("--model", help="a population's member to inspect the INPUTs with")
+    add(
+        "--route",
+        dest="routes",
+        action="append",
+        type=cli.routed_folder,
+        metavar="FOLDER=NAME",
+        help="inspect the images of FOLDER with the population's member NAME; repeat for "
+        "each product (the records name the member)",
+    )
     add("--out", required=True, help="output folder")
     cli.add_calibrated_settings(add, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
     add(
@@ -72,12 +88,28 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.max_image_pixels is not None:
         data.allow_image_pixels(args.max_image_pixels)
+    if args.routes and (args.inputs or args.model):
+        raise SettingsError("--route FOLDER=NAME names the inputs and their members: no INPUT "
+                            "or --model beside it")  # fmt: skip
+    if not args.routes and not args.inputs:
+        raise SettingsError("no INPUT: give files, folders or globs (or --route FOLDER=NAME)")
     inspector = cli.load_inspector(args)
+    if len(inspector.models) > 1 and not args.routes:
+        raise SettingsError(
+            f"--checkpoint {args.checkpoint}: a population ({', '.join(inspector.models)}): "
+            "inspect with one member (--model NAME), or route folders to members (--route "
+            "FOLDER=NAME)"
+        )
     print(cli.settings_line(inspector))
-    paths = find_images(args.inputs)
+    models = None
+    if args.routes:
+        routed = [(path, name) for folder, name in args.routes for path in find_images([folder])]
+        paths, models = [p for p, _ in routed], [n for _, n in routed]
+    else:
+        paths = find_images(args.inputs)
     fields = dataclasses.fields(PredictOptions)
     options = PredictOptions(**{f.name: getattr(args, f.name) for f in fields})
-    counts = predict_files(inspector, paths, args.out, options)
+    counts = predict_files(inspector, paths, args.out, options, models)
     print(
         f"{counts['images']} images predicted, {counts['failed']} failed, "
         f"{counts['skipped']} skipped (already done); results in {args.out}/defects.json"

@@ -35,7 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
         "/readyz, /metrics, and a page at /.",
     )
     add = parser.add_argument
-    add("--checkpoint", required=True, help="an authors' .pkl or a training workdir")
+    served = parser.add_mutually_exclusive_group(required=True)
+    served.add_argument(
+        "--checkpoint",
+        help="an authors' .pkl, a training workdir, or a population workdir (every member, "
+        "named as in its population.json)",
+    )
+    served.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=cli.named_path,
+        metavar="NAME=PATH",
+        help="serve this checkpoint (a .pkl or a run folder) as model NAME; repeat for more "
+        "(POST /v1/models/NAME/inspect)",
+    )
     add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     add("--port", type=int, default=8000, help="port to bind")
     cli.add_calibrated_settings(add, DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
@@ -117,6 +131,7 @@ def _main(argv: list[str]) -> int:
     import uvicorn
 
     from cheapnet_jax.serve.app import ServiceOptions, create_app
+    from cheapnet_jax.serve.protocol import BoundedHeadProtocol
 
     args = build_parser().parse_args(argv)
     if args.max_wait_ms < 0:
@@ -140,12 +155,18 @@ def _main(argv: list[str]) -> int:
         f"{name} {inspector.settings[name].value} ({inspector.settings[name].origin})"
         for name in ("threshold", "min_area")
     )
-    print(
-        f"serving {inspector.loaded.source} on http://{args.host}:{args.port} ({settings})",
-        flush=True,
-    )
+    what = inspector.loaded.source
+    if len(inspector.models) > 1:
+        what = f"{len(inspector.models)} models ({', '.join(inspector.models)})"
+    print(f"serving {what} on http://{args.host}:{args.port} ({settings})", flush=True)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            http=BoundedHeadProtocol,  # request heads of at most 64 KiB (431 beyond)
+        )
     )
     # uvicorn drains on SIGTERM, then raises the signal again with the handler it found: with
     # this one in place that ends the process normally (exit 0) after the drain.

@@ -2,6 +2,13 @@
 
     POST /v1/inspect   one image (raw body or multipart) -> verdict and defects
     GET  /v1/model     what answers: variant, G, normalisation, calibration, checkpoint, digest
+    GET  /v1/models    every model served (one per product): name, G, digest, settings
+    POST /v1/models/{name}/inspect   /v1/inspect by the model of that name
+
+Serving several models (a population workdir, or ``--model NAME=PATH`` repeated), requests
+for different models wait in one queue and models of one width share device calls (each image
+answered by its own model: `Inspector.of_models`); ``/v1/inspect`` and ``/v1/model`` then
+ask which model (400), and an unknown name is a 404 naming the served ones.
     GET  /healthz      the process is up (open without a token)
     GET  /readyz       the model is loaded and compiled for the warm sizes (503 until then)
     GET  /metrics      Prometheus text
@@ -97,8 +104,15 @@ class _Metrics:
         )
         self.latency = Histogram(
             "cheapnet_inspect_latency_seconds",
-            "POST /v1/inspect: from the request's arrival to its answer",
+            "an inspection: from the request's arrival to its answer, by model",
+            ["model"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.inspections = Counter(
+            "cheapnet_inspections",
+            "images answered, by model and verdict",
+            ["model", "verdict"],
             registry=self.registry,
         )
         self.batch_size = Histogram(
@@ -181,24 +195,39 @@ def _carries_token(authorization: str, token: bytes) -> bool:
 
 
 INSPECT_PATH = f"/{API_VERSION}/inspect"
+MODELS_PATH = f"/{API_VERSION}/models"
+MODEL_INSPECT_PATH = MODELS_PATH + "/{name}/inspect"
 
 
 class _DefaultInspect:
-    """ASGI middleware, the hot path of a line: ``POST /v1/inspect`` with a raw image body of a
+    """ASGI middleware, the hot path of a line: ``POST /v1/inspect`` (one model served) or
+    ``POST /v1/models/{name}/inspect`` (a served model's name) with a raw image body of a
     declared length within the limit, no query (the default settings, no overlay) and, when a
     token is set, the right one, is answered here by the route's own `inspect_image`, without
     FastAPI's routing, dependencies and middleware: CheapNet-S on 2 CPU cores served a median
     0.84 of the in-process detector's rate against 0.79 without it (BENCHMARKS.md). Every other
     request, refusals included, goes on to the app and its route."""
 
-    def __init__(self, app, inspect_image, token: bytes | None, max_body_bytes: int, counter):
+    def __init__(
+        self,
+        app,
+        inspect_image,
+        token: bytes | None,
+        max_body_bytes: int,
+        counter,
+        models: list[str],
+    ):
         self.app, self.inspect_image, self.token = app, inspect_image, token
         self.max_body_bytes, self.counter = max_body_bytes, counter
+        # the paths answered here, each with its model (None: /v1/inspect's only model)
+        self.paths = {MODEL_INSPECT_PATH.format(name=name): name for name in models}
+        if len(models) == 1:
+            self.paths[INSPECT_PATH] = None
 
     def _serves(self, scope) -> bool:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != INSPECT_PATH:
+        if scope["type"] != "http" or scope["method"] != "POST":
             return False
-        if scope.get("query_string"):
+        if scope["path"] not in self.paths or scope.get("query_string"):
             return False
         # ASGI header values are bytes, read as latin-1 (as Starlette reads them for the route).
         headers = {k: v.decode("latin-1") for k, v in scope.get("headers") or []}
@@ -237,9 +266,12 @@ class _DefaultInspect:
                     work.cancel()
 
         status = "none"
+        model = self.paths[scope["path"]]
         try:
             try:
-                response = await self.inspect_image(read_payload, None, None, False, unless_gone)
+                response = await self.inspect_image(
+                    read_payload, None, None, False, unless_gone, model
+                )
             except ApiError as err:
                 response = _error(err.status, err.message, err.headers)
             except ClientDisconnect:
@@ -247,7 +279,8 @@ class _DefaultInspect:
             status = str(response.status_code)
             await response(scope, receive, send)
         finally:
-            self.counter.labels(INSPECT_PATH, status).inc()
+            route = INSPECT_PATH if model is None else MODEL_INSPECT_PATH
+            self.counter.labels(route, status).inc()
 
 
 async def _read_image_bytes(request: Request) -> tuple[bytes, str]:
@@ -291,7 +324,8 @@ def _decode(payload: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, str
 
 
 def model_description(inspector: Inspector) -> dict:
-    """``GET /v1/model``: what answers the requests."""
+    """``GET /v1/model``: what answers the requests (a single-model inspector, or one of
+    `Inspector.models`)."""
     loaded = inspector.loaded
     features = loaded.model.features
     calibration_file = (
@@ -312,6 +346,7 @@ def model_description(inspector: Inspector) -> dict:
         "calibration_file": (
             str(calibration_file) if calibration_file and calibration_file.is_file() else None
         ),
+        "name": inspector.name,
         "defaults": _default_settings(inspector),
         "dtype": inspector.options.dtype,
         "max_batch": inspector.options.batch_size,
@@ -325,22 +360,28 @@ def model_description(inspector: Inspector) -> dict:
 def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions()) -> FastAPI:
     """The service of ``inspector``'s model (run it with uvicorn)."""
     metrics = _Metrics()
-    default_settings = _default_settings(inspector)  # what a request without settings gets
+    served = inspector.models
+    several = len(served) > 1
+    # what a request without settings gets, by model
+    default_settings = {name: _default_settings(model) for name, model in served.items()}
     state = {"ready": False, "warmed": [], "warm_error": None, "frozen_objects": None}
     batcher_box: dict[str, DynamicBatcher] = {}
 
     def run_batch(worker: int, key, items) -> Callable[[], list[Result]]:
-        """The batch's device part; returns its host part (`Inspector.start_batch`)."""
-        _, threshold, min_area, tiled = key
-        keep = any(overlay for _, overlay in items)
+        """The batch's device part; returns its host part (`Inspector.start_batch`). The key:
+        (shape, width, threshold, min_area, tiled), a threshold or minimum area None where
+        each image's model gives its own; the items: (image, overlay, model)."""
+        _, _, threshold, min_area, tiled = key
+        keep = any(overlay for _, overlay, _ in items)
         if tiled:  # one image at a time, in tiles
             found = [
-                inspector.inspect_tiled(worker, image, threshold, min_area, keep)
-                for image, _ in items
+                inspector.inspect_tiled(worker, image, threshold, min_area, keep, model=model)
+                for image, _, model in items
             ]
             return lambda: found
-        images = [image for image, _ in items]
-        return inspector.start_batch(worker, images, threshold, min_area, keep)
+        images = [image for image, _, _ in items]
+        models = [model for _, _, model in items]
+        return inspector.start_batch(worker, images, threshold, min_area, keep, models=models)
 
     async def warm_up() -> None:
         try:
@@ -440,7 +481,11 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
 
     @app.get(f"/{API_VERSION}/model", summary="The model that answers", dependencies=auth)
     async def model() -> dict:
-        return model_description(inspector)
+        return model_description(served[_served_model(served, None)])
+
+    @app.get(MODELS_PATH, summary="Every model served", dependencies=auth)
+    async def models() -> list[dict]:
+        return [model_description(model) for model in served.values()]
 
     async def inspect_image(
         read_payload: Callable[[], Awaitable[tuple[bytes, str]]],
@@ -448,9 +493,13 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         min_area: int | None,
         overlay: bool,
         unless_gone: Callable[[asyncio.Future], Awaitable],
+        model: str | None = None,
     ) -> Response:
-        """One image's answer: the route's and the default fast path's (`_DefaultInspect`)."""
+        """One image's answer by ``model`` (None: the only one): the routes' and the default
+        fast path's (`_DefaultInspect`)."""
         arrived = time.monotonic()
+        model_name = _served_model(served, model)
+        answering = served[model_name]
         batcher = batcher_box["batcher"]
         batcher.expect()  # on its way: a free worker waits for it rather than leave without it
         try:  # everything up to `submit`, which takes the announcement over
@@ -461,30 +510,35 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             decoded = time.monotonic()
             given = {"threshold": threshold, "min_area": min_area}
             settings = {
-                name: {"value": value, "source": "request"}
+                setting: {"value": value, "source": "request"}
                 if value is not None
-                else default_settings[name]
-                for name, value in given.items()
+                else default_settings[model_name][setting]
+                for setting, value in given.items()
             }
+            # Several models: a setting not given is each image's model's own (None), so that
+            # images for different models of one width share a batch.
             key = (
                 image.shape,
-                float(settings["threshold"]["value"]),
-                int(settings["min_area"]["value"]),
+                inspector.width_of(model_name),
+                float(settings["threshold"]["value"])
+                if threshold is not None or not several
+                else None,
+                int(settings["min_area"]["value"]) if min_area is not None or not several else None,
                 inspector.tiled(image.shape),
             )
         except BaseException:
             batcher.unexpect()
             raise
         try:
-            submission = batcher.submit(key, (image, overlay), expected=True)
-            served = await unless_gone(submission)
+            submission = batcher.submit(key, (image, overlay, model_name), expected=True)
+            answered = await unless_gone(submission)
         except QueueFullError as err:
             raise ApiError(
                 503, f"busy: {err}", {"Retry-After": str(options.retry_after_s)}
             ) from err
-        if served is None:
+        if answered is None:
             return Response(status_code=CLIENT_GONE)
-        found, batch = served
+        found, batch = answered
         answer = {
             "verdict": "NG" if found.defects else "OK",
             "width": int(image.shape[1]),
@@ -495,14 +549,15 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             "settings": {
                 **settings,
                 "normalization": {
-                    "mean": inspector.normalization.mean,
-                    "std": inspector.normalization.std,
+                    "mean": answering.normalization.mean,
+                    "std": answering.normalization.std,
                 },
             },
             "model": {
-                "variant": variant_name(inspector.loaded.model.features),
-                "features": inspector.loaded.model.features,
-                "weights_digest": inspector.digest,
+                "name": model_name,
+                "variant": variant_name(answering.loaded.model.features),
+                "features": answering.loaded.model.features,
+                "weights_digest": answering.digest,
             },
             "batch_size": batch.size,
         }
@@ -520,8 +575,36 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
             "compute": round(1000 * batch.compute_s, 3),
             "total": round(1000 * (time.monotonic() - arrived), 3),
         }
-        metrics.latency.observe(time.monotonic() - arrived)
+        metrics.latency.labels(model_name).observe(time.monotonic() - arrived)
+        metrics.inspections.labels(model_name, answer["verdict"]).inc()
         return JSONResponse(answer)
+
+    @app.post(
+        MODEL_INSPECT_PATH,
+        summary="Inspect one image with a model of the service",
+        description="As POST /v1/inspect, answered by the served model ``name`` (GET "
+        "/v1/models lists them); an unknown name is a 404 naming the served ones.",
+        dependencies=auth,
+    )
+    async def inspect_by_model(
+        name: str,
+        request: Request,
+        threshold: Annotated[
+            float | None, Query(gt=0, lt=1, description="default: the model's calibration")
+        ] = None,
+        min_area: Annotated[
+            int | None, Query(ge=0, description="default: the model's calibration, else 0")
+        ] = None,
+        overlay: Annotated[bool, Query(description="return a PNG overlay (base64)")] = False,
+    ) -> Response:
+        return await inspect_image(
+            lambda: _read_image_bytes(request),
+            threshold,
+            min_area,
+            overlay,
+            lambda work: _unless_disconnected(request, work),
+            _served_model(served, name),
+        )
 
     @app.post(
         f"/{API_VERSION}/inspect",
@@ -559,6 +642,7 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         token=token,
         max_body_bytes=options.max_body_bytes,
         counter=metrics.requests,
+        models=list(served),
     )
 
     page = resources.files("cheapnet_jax.serve").joinpath("static/index.html").read_text()
@@ -568,6 +652,22 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         return HTMLResponse(page.replace("{{API_VERSION}}", json.dumps(API_VERSION)))
 
     return app
+
+
+def _served_model(served: dict[str, Inspector], name: str | None) -> str:
+    """``name`` if it is served; None: the only model. ApiError naming the served models: 404
+    for an unknown name, 400 where several are served and none was named."""
+    if name is None:
+        if len(served) == 1:
+            return next(iter(served))
+        raise ApiError(
+            400,
+            f"{len(served)} models are served ({', '.join(served)}): name one, "
+            f"POST {MODEL_INSPECT_PATH} (GET {MODELS_PATH} describes them)",
+        )
+    if name not in served:
+        raise ApiError(404, f"no model {name!r} is served; the models: {', '.join(served)}")
+    return name
 
 
 def _default_settings(inspector: Inspector) -> dict[str, dict]:

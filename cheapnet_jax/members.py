@@ -1,0 +1,115 @@
+"""Several models of one width run as one: their weights stacked on a leading member axis and
+a member index per image, so that images for different models (one per product or camera)
+share a compiled call.
+
+Each image goes through the network with its own member's weights and normalisation. On the
+CPU the images of a batch already run one at a time inside the program (`inference_logits`):
+here each takes its member's slice of the stacked weights first, so an image's probabilities
+are bit for bit those its member's own program computes. On accelerators the batch runs at
+once, vmapped over the images and their weights. Thresholds and minimum areas are per image
+too (arrays, not compiled constants), so that members calibrated differently share a call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cheapnet_jax import data
+from cheapnet_jax.detection import (
+    INFERENCE_DTYPES,
+    Detections,
+    check_dtype,
+    detections_from_probabilities,
+)
+from cheapnet_jax.model import CheapNet, fold_batch_norm
+
+
+def stack_members(variables: Sequence[Mapping]) -> dict:
+    """The members' variables (one tree each, the same shapes) stacked on a leading axis."""
+    return jax.tree.map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *variables)
+
+
+def normalization_tables(normalizations: Sequence[tuple[float, float]]) -> np.ndarray:
+    """float32 ``[M, 256]``: each member's normalised value of every pixel value, computed on
+    the host by `data.normalize` (what `detection.normalize_on_device` looks up for one)."""
+    pixels = np.arange(256, dtype=np.uint8)
+    return np.stack([data.normalize(pixels, mean, std)[:, 0] for mean, std in normalizations])
+
+
+def member_probabilities(
+    model: CheapNet,
+    stacked: Mapping,
+    tables: jax.Array,
+    x: jax.Array,
+    member: jax.Array,
+    *,
+    dtype: str = "float32",
+    fold: bool = True,
+) -> jax.Array:
+    """Probabilities float32 ``[B, H, W]`` of uint8 pixels ``[B, H, W]``, image ``i`` through
+    member ``member[i]``'s weights (``stacked``: variables with a leading member axis) and
+    normalisation (``tables``: `normalization_tables`): `detection.network_probabilities` of
+    each image with its member's variables."""
+    if fold and not model.folded:
+        model, stacked = model.clone(folded=True), jax.vmap(fold_batch_norm)(stacked)
+    model = model.clone(activation_dtype=INFERENCE_DTYPES[dtype])
+    inputs = tables[member[:, None, None], x.astype(jnp.int32)][..., None]  # [B, H, W, 1]
+
+    def one(image_and_member: tuple[jax.Array, jax.Array]) -> jax.Array:
+        image, index = image_and_member
+        variables = jax.tree.map(lambda leaf: leaf[index], stacked)
+        return model.apply(variables, image[None], train=False)[0]
+
+    if x.shape[0] == 1:
+        logits = one((inputs[0], member[0]))[None]
+    else:
+        logits = lax.platform_dependent(
+            (inputs, member),
+            cpu=lambda operands: lax.map(one, operands),
+            default=lambda operands: jax.vmap(one)(operands),
+        )
+    return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
+
+
+def make_member_network(
+    model: CheapNet, *, dtype: str = "float32", fold: bool = True
+) -> Callable[..., jax.Array]:
+    """A jitted ``(stacked, tables, x, member, crop=None) -> probabilities [B, H, W]``
+    (`member_probabilities`, the top-left ``crop=(height, width)`` kept)."""
+    check_dtype(dtype)
+
+    @functools.partial(jax.jit, static_argnames="crop")
+    def probabilities_of(stacked, tables, x, member, crop: tuple[int, int] | None = None):
+        probabilities = member_probabilities(
+            model, stacked, tables, x, member, dtype=dtype, fold=fold
+        )
+        return probabilities if crop is None else probabilities[:, : crop[0], : crop[1]]
+
+    return probabilities_of
+
+
+def make_member_detector(
+    model: CheapNet, *, max_components: int = 256, dtype: str = "float32", fold: bool = True
+) -> Callable[..., Detections]:
+    """A jitted ``(stacked, tables, x, member, thresholds [B], min_areas [B], crop=None) ->
+    Detections``: `make_member_network`'s probabilities, each image thresholded, labeled and
+    measured with its own threshold and minimum area."""
+    network = make_member_network(model, dtype=dtype, fold=fold)
+
+    @functools.partial(jax.jit, static_argnames="crop")
+    def detector(stacked, tables, x, member, thresholds, min_areas, crop=None) -> Detections:
+        probabilities = network(stacked, tables, x, member, crop=crop)
+        return detections_from_probabilities(
+            probabilities,
+            threshold=thresholds[:, None, None],
+            max_components=max_components,
+            min_area=min_areas[:, None],
+        )
+
+    return detector
