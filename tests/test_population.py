@@ -422,3 +422,16 @@ def test_evaluate_a_population_is_the_paper_s_per_class_table(population_run, tm
     assert calibrated.returncode == 0, calibrated.stderr
     for name in ("seed-0", "seed-1"):
         assert (population / "members" / name / "calibration.json").is_file()
+
+
+def test_exporting_a_population_asks_for_one_member(population_run, tmp_path):
+    out = tmp_path / "pipeline.stablehlo"
+    refused = run_tool(
+        "-m cheapnet_jax.cli.export", "--checkpoint", str(population_run), "--format",
+        "stablehlo", "--pipeline", "--image-size", "32", "--out", str(out),
+    )  # fmt: skip
+    assert refused.returncode == 1 and not out.exists(), refused.stderr
+    assert refused.stderr.strip() == (
+        f"error: --checkpoint {population_run}: a population (seed-0, seed-1): export one "
+        "member's folder (members/NAME)"
+    )

@@ -74,6 +74,11 @@ def _main(argv: list[str]) -> int:
         raise SettingsError(f"--pipeline exports StableHLO only, not --format {args.format}")
     height, width = _image_size(parser, args.image_size, cli.image_shape)
     inspector = cli.load_inspector(args)
+    if len(inspector.models) > 1:
+        raise SettingsError(
+            f"--checkpoint {args.checkpoint}: a population ({', '.join(inspector.models)}): "
+            "export one member's folder (members/NAME)"
+        )
     print(cli.settings_line(inspector))
     path, report = export_pipeline(
         inspector,
