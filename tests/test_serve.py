@@ -1007,3 +1007,39 @@ def test_the_page_shows_the_overlay_and_defects_and_a_bad_file_s_error(tmp_path)
     finally:
         status, output = server.stop()
     assert status == 0, output
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt)")
+def test_the_page_lets_the_person_pick_the_model(tmp_path):
+    """Two models served: the page lists them, describes the one picked, and the image goes
+    to that one (the answer names it); with one model there is nothing to pick (the test
+    above)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright")
+    first, second = random_checkpoint(tmp_path, seed=0), random_checkpoint(tmp_path, seed=1)
+    sample = tmp_path / "sample.png"
+    sample.write_bytes(png_bytes(np.random.default_rng(3).integers(0, 256, (64, 64), np.uint8)))
+    server = Server("--model", f"front={first}", "--model", f"back={second}", "--warm", "none")
+    try:
+        server.wait_ready()
+        digests = {
+            m["name"]: m["weights_digest"] for m in httpx.get(f"{server.url}/v1/models").json()
+        }
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_selector("#choice:not([hidden])")
+            assert page.eval_on_selector_all("#models option", "o => o.map(x => x.value)") == [
+                "front",
+                "back",
+            ]
+            assert digests["front"][:19] in page.inner_text("#model")
+            page.select_option("#models", "back")
+            assert digests["back"][:19] in page.inner_text("#model")
+            page.set_input_files("#file", str(sample))
+            page.wait_for_selector("#verdict:not(:empty)", timeout=120_000)
+            assert "model back" in page.inner_text("#settings")
+            browser.close()
+    finally:
+        status, output = server.stop()
+    assert status == 0, output
