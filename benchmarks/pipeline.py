@@ -22,10 +22,14 @@ sys.path.insert(0, str(ROOT))
 
 from cheapnet_jax import data  # noqa: E402
 from cheapnet_jax.bench import format_table, time_call, write_json  # noqa: E402
-from cheapnet_jax.prediction import read_image  # noqa: E402
 from cheapnet_jax.synthetic import write_dagm_folder  # noqa: E402
 
 SAMPLES = ROOT.parent / "shared" / "dagm-samples" / "Class6" / "Train"
+
+
+def read_grayscale_or_converted(path: Path):
+    """What `Inspector.inspect_files` decodes: colour converted, with a warning."""
+    return data.load_image(path, convert_to_grayscale=True)
 
 
 def images_per_second(run, images: int, repeat: int) -> float:
@@ -58,7 +62,9 @@ def measure(folder: Path, repeat: int) -> list[dict]:
         {
             "stage": "predict.py decode (2 threads)",
             "img/s": images_per_second(
-                lambda: list(data.threaded_map(read_image, paths)), len(paths), repeat
+                lambda: list(data.threaded_map(read_grayscale_or_converted, paths)),
+                len(paths),
+                repeat,
             ),
         },
         {

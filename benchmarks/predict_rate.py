@@ -25,8 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.tools import CHECKPOINTS, input_folder  # noqa: E402
-from cheapnet_jax.bench import format_table, machine_description, write_json  # noqa: E402
+from benchmarks.tools import CHECKPOINTS, checkouts, input_folder, report  # noqa: E402
 
 MEASURE = """
 import inspect, json, sys, tempfile, time
@@ -62,9 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the checkouts")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in args.tree)}
-    if len(trees) < 2:
-        parser.error("--tree: give two checkouts (NAME=PATH each) to compare")
+    trees = checkouts(parser, args.tree)
     rates: dict[tuple, list[float]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         images, _ = input_folder(Path(scratch), args.images)
@@ -89,12 +86,7 @@ def main() -> None:
         first, *_, last = trees
         row[f"{last} / {first}"] = round(row[f"{last} img/s"] / row[f"{first} img/s"], 3)
         rows.append(row)
-    machine = machine_description()
-    print(f"{machine['cpu']} ({machine['cpu_vector_extensions']}), {args.images} files, "
-          f"{args.rounds} rounds")  # fmt: skip
-    print(format_table(rows, list(rows[0])))
-    if args.json:
-        write_json(args.json, rows, trees={k: str(v) for k, v in trees.items()})
+    report(rows, trees, f"{args.images} files, {args.rounds} rounds", args.json)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,11 @@ from cheapnet_jax.bench import (  # noqa: E402
     write_json,
 )
 from cheapnet_jax.data import decode_image  # noqa: E402
-from cheapnet_jax.inspection import Inspector, compiled_batch_size  # noqa: E402
+from cheapnet_jax.inspection import (  # noqa: E402
+    Inspector,
+    compiled_batch_size,
+    compiled_batch_sizes,
+)
 
 SHARED = ROOT.parent / "shared"
 SAMPLES = SHARED / "dagm-samples" / "Class6" / "Train"
@@ -116,7 +120,7 @@ def in_process_figures(path: Path, payloads: dict[str, list[bytes]], max_batch: 
         for image in pixels
     ]
     batch_seconds = {}
-    for size in sorted({compiled_batch_size(n, max_batch) for n in range(1, max_batch + 1)}):
+    for size in compiled_batch_sizes(max_batch):
         batch = (pixels * size)[:size]
         timing = time_call(lambda b=batch: inspector.inspect_batch(0, b, 0.5, 0))
         batch_seconds[size] = timing.median_s

@@ -76,6 +76,23 @@ def same_outputs(a: Path, b: Path) -> bool:
     return all(filecmp.cmp(overlays_a / n, overlays_b / n, shallow=False) for n in names)
 
 
+def checkouts(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Path]:
+    """``--tree NAME=PATH`` flags: the checkouts by name (at least two)."""
+    trees = {name: Path(path).resolve() for name, path in (t.split("=", 1) for t in items)}
+    if len(trees) < 2:
+        parser.error("--tree: give two checkouts (NAME=PATH each) to compare")
+    return trees
+
+
+def report(rows: list[dict], trees: dict[str, Path], what: str, json_path: str | None) -> None:
+    """Print the machine and the table; write the JSON if asked."""
+    machine = machine_description()
+    print(f"{machine['cpu']} ({machine['cpu_vector_extensions']}), {what}")
+    print(format_table(rows, list(rows[0])))
+    if json_path:
+        write_json(json_path, rows, trees={k: str(v) for k, v in trees.items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", required=True, help="NAME=CHECKOUT")
@@ -86,10 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the checkouts")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    trees = dict(item.split("=", 1) for item in args.tree)
-    trees = {name: Path(path).resolve() for name, path in trees.items()}
-    if len(trees) < 2:
-        parser.error("--tree: give two checkouts (NAME=PATH each) to compare")
+    trees = checkouts(parser, args.tree)
     python = sys.executable
     counts = [int(n) for n in args.images.split(",")]
     rows, seconds, outputs = [], {}, {}
@@ -135,12 +149,7 @@ def main() -> None:
                 written = list(outputs[job].values())
                 row["same output"] = all(same_outputs(written[0], w) for w in written[1:])
             rows.append(row)
-    machine = machine_description()
-    print(f"{machine['cpu']} ({machine['cpu_vector_extensions']}), {args.images} files, "
-          f"{args.rounds} rounds")  # fmt: skip
-    print(format_table(rows, list(rows[0])))
-    if args.json:
-        write_json(args.json, rows, trees={k: str(v) for k, v in trees.items()})
+    report(rows, trees, f"{args.images} files, {args.rounds} rounds", args.json)
 
 
 if __name__ == "__main__":

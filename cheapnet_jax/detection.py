@@ -168,6 +168,12 @@ INFERENCE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 computes in float32, and probabilities, thresholds and scores are float32 either way."""
 
 
+def normalization_table(mean: float, std: float) -> np.ndarray:
+    """float32 ``[256]``: the normalised value of every pixel value, computed on the host by
+    `cheapnet_jax.data.normalize` (what a program looks up, see `normalize_on_device`)."""
+    return data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
+
+
 def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array:
     """uint8 ``[B, H, W]`` -> float32 ``[B, H, W, 1]`` inside the compiled program (a quarter
     of the bytes cross from host to device), bit for bit `cheapnet_jax.data.normalize`.
@@ -176,8 +182,7 @@ def normalize_on_device(pixels: jax.Array, mean: float, std: float) -> jax.Array
     a division by a constant into a multiplication by its reciprocal, which is off by an ulp
     for some pixel values, and a trained network can amplify an ulp of input.
     """
-    table = data.normalize(np.arange(256, dtype=np.uint8), mean, std)[:, 0]
-    return jnp.asarray(table)[pixels][..., None]
+    return jnp.asarray(normalization_table(mean, std))[pixels][..., None]
 
 
 def network_probabilities(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import os
 import queue
@@ -166,6 +167,12 @@ def compiled_batch_size(count: int, batch_size: int) -> int:
     at most ``batch_size``. A short last batch then costs about its own size instead of a
     full batch of blank images, with at most log2(batch_size) + 1 compiled shapes."""
     return min(batch_size, 1 << max(0, count - 1).bit_length())
+
+
+def compiled_batch_sizes(batch_size: int) -> list[int]:
+    """Every batch size a call of at most ``batch_size`` images runs as (`compiled_batch_size`),
+    smallest first: what a warm-up compiles."""
+    return sorted({compiled_batch_size(n, batch_size) for n in range(1, batch_size + 1)})
 
 
 def pad_batch(array: np.ndarray, batch_size: int) -> np.ndarray:
@@ -312,14 +319,13 @@ class Inspector:
         self.models: dict[str, Inspector] = {self.name: self}
         self._groups: dict[int, _MemberGroup] = {}  # several models only: by width
         self.loaded = loaded
-        resolved = {
-            **detection_settings(self.checkpoint),
-            "normalization": normalization_setting(None, loaded),
-        }
-        self.settings: dict[str, Setting] = {**resolved, **(settings or {})}
+        self.settings: dict[str, Setting] = dict(settings or {})
+        if not {"threshold", "min_area"} <= self.settings.keys():  # the calibration read once
+            self.settings = {**detection_settings(self.checkpoint), **self.settings}
+        if "normalization" not in self.settings:
+            self.settings["normalization"] = normalization_setting(None, loaded)
         self.options = options
         self.devices = devices or jax.local_devices()
-        self.digest = weights_digest(loaded.variables)
         self._variables = [jax.device_put(loaded.variables, d) for d in self.devices]
         self._lock = threading.Lock()
         on_cpu = any(device.platform == "cpu" for device in self.devices)
@@ -419,6 +425,11 @@ class Inspector:
             for features, members in by_width.items()
         }
         return inspector
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """`weights_digest` of the model's weights (computed when first asked)."""
+        return weights_digest(self.loaded.variables)
 
     @property
     def threshold(self) -> float:
@@ -672,47 +683,17 @@ class Inspector:
                 self, device, images, threshold, min_area, names, keep_masks, keep_probabilities
             )
         threshold, min_area = self._chosen(threshold, min_area)
-        height, width = images[0].shape
-        padded = np.stack([pad_to_multiple(image) for image in images])  # uint8 [B, H, W]
-        x = pad_batch(padded, compiled_batch_size(len(images), self.options.batch_size))
-        x = jax.device_put(x, self.devices[device])  # numpy straight over (not jnp.asarray)
-        count = len(images)
+        batch = _Batch(images, names, self.options, keep_masks, keep_probabilities)
+        x = jax.device_put(batch.pixels, self.devices[device])
         if self.labels_on_host:
             with self._executing:
-                probabilities = self._network(self._variables[device], x, crop=(height, width))
-                probabilities = np.asarray(jax.device_get(probabilities))[:count]
-            max_components = self.options.max_components
-            return lambda: _named(
-                batch_results(
-                    detections_on_host(
-                        probabilities,
-                        threshold=threshold,
-                        max_components=max_components,
-                        min_area=min_area,
-                    ),
-                    count,
-                    (height, width),
-                    keep_masks,
-                    keep_probabilities,
-                ),
-                self.name,
-            )
+                probabilities = self._network(self._variables[device], x, crop=batch.shape)
+                probabilities = np.asarray(jax.device_get(probabilities))
+            return lambda: batch.labeled_on_host(probabilities, threshold, min_area)
         detector = self.detector(threshold, min_area)
         with self._executing:
-            found = detector(self._variables[device], x, crop=(height, width))
-            # Only what the results need comes back to the host: not the labels (8 MiB for 8
-            # images of 512x512), the probabilities and masks only where kept.
-            found = jax.device_get(
-                found._replace(
-                    probabilities=found.probabilities if keep_probabilities else None,
-                    labels=None,
-                    masks=found.masks if keep_masks else None,
-                )
-            )
-        return lambda: _named(
-            batch_results(found, count, (height, width), keep_masks, keep_probabilities),
-            self.name,
-        )
+            found = batch.fetched(detector(self._variables[device], x, crop=batch.shape))
+        return lambda: batch.results(found)
 
     def inspect_tiled(
         self,
@@ -768,10 +749,8 @@ class Inspector:
             for device in range(len(self.devices)):
                 self.inspect_tiled(device, blank, self.threshold, self.min_area)
             return
-        largest = self.options.batch_size
-        sizes = sorted({compiled_batch_size(n, largest) for n in range(1, largest + 1)})
         for device in range(len(self.devices)):
-            for size in sizes:
+            for size in compiled_batch_sizes(self.options.batch_size):
                 blank = [np.zeros(shape, np.uint8)] * size
                 self.inspect_batch(device, blank, self.threshold, self.min_area)
 
@@ -825,74 +804,91 @@ class _MemberGroup:
         keep_probabilities: bool,
     ) -> Callable[[], list[Result]]:
         """`Inspector.start_batch` of images answered by these members."""
-        height, width = images[0].shape
-        count = len(images)
-        size = compiled_batch_size(count, inspector.options.batch_size)
         member = np.array([self.index[name] for name in names], np.int32)
+        count = len(images)
         thresholds = self.thresholds[member] if threshold is None else np.full(count, threshold)
         min_areas = self.min_areas[member] if min_area is None else np.full(count, min_area)
         thresholds = thresholds.astype(np.float32)
         min_areas = min_areas.astype(np.int32)
-        padded = np.stack([pad_to_multiple(image) for image in images])
+        batch = _Batch(images, names, inspector.options, keep_masks, keep_probabilities)
+        size = len(batch.pixels)
         on_device = jax.device_put(
-            (pad_batch(padded, size), pad_batch(member, size)), inspector.devices[device]
+            (batch.pixels, pad_batch(member, size)), inspector.devices[device]
         )
-        x, member_of = on_device
         weights, tables = self.variables[device], self.tables[device]
-        max_components = inspector.options.max_components
         if self.labels_on_host:
             with inspector._executing:
-                probabilities = self.network(weights, tables, x, member_of, crop=(height, width))
-                probabilities = np.asarray(jax.device_get(probabilities))[:count]
-            return lambda: _named(
-                batch_results(
-                    detections_on_host(
-                        probabilities,
-                        threshold=thresholds[:, None, None],
-                        max_components=max_components,
-                        min_area=min_areas[:, None],
-                    ),
-                    count,
-                    (height, width),
-                    keep_masks,
-                    keep_probabilities,
-                ),
-                names,
+                probabilities = self.network(weights, tables, *on_device, crop=batch.shape)
+                probabilities = np.asarray(jax.device_get(probabilities))
+            return lambda: batch.labeled_on_host(
+                probabilities, thresholds[:, None, None], min_areas[:, None]
             )
         limits = jax.device_put(
             (pad_batch(thresholds, size), pad_batch(min_areas, size)), inspector.devices[device]
         )
         with inspector._executing:
-            found = self.detector(weights, tables, x, member_of, *limits, crop=(height, width))
-            found = jax.device_get(
-                found._replace(
-                    probabilities=found.probabilities if keep_probabilities else None,
-                    labels=None,
-                    masks=found.masks if keep_masks else None,
-                )
-            )
-        return lambda: _named(
-            batch_results(found, count, (height, width), keep_masks, keep_probabilities), names
-        )
+            found = self.detector(weights, tables, *on_device, *limits, crop=batch.shape)
+            found = batch.fetched(found)
+        return lambda: batch.results(found)
 
     def warm(self, inspector: Inspector, shape: tuple[int, int]) -> None:
         """Compile the programs for images of ``shape`` at every batch size, on every
         device."""
-        largest = inspector.options.batch_size
-        sizes = sorted({compiled_batch_size(n, largest) for n in range(1, largest + 1)})
         for device in range(len(inspector.devices)):
-            for size in sizes:
+            for size in compiled_batch_sizes(inspector.options.batch_size):
                 blank = [np.zeros(shape, np.uint8)] * size
                 names = [self.names[i % len(self.names)] for i in range(size)]
                 self.start_batch(inspector, device, blank, None, None, names, False, False)()
 
 
-def _named(results: list[Result], names: Sequence[str] | str) -> list[Result]:
-    """``results``, each with the name of the model that answered it."""
-    names = [names] * len(results) if isinstance(names, str) else names
-    for result, name in zip(results, names, strict=True):
-        result.model = name
-    return results
+class _Batch:
+    """A batch of same-sized images on its way through `Inspector.start_batch`: its pixels
+    padded to a multiple of 16 and to its compiled batch size, and what its results keep."""
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        names: Sequence[str],
+        options: InspectorOptions,
+        keep_masks: bool,
+        keep_probabilities: bool,
+    ):
+        self.names, self.count, self.shape = list(names), len(images), images[0].shape
+        self.keep = (keep_masks, keep_probabilities)
+        self.max_components = options.max_components
+        padded = np.stack([pad_to_multiple(image) for image in images])  # uint8 [B, H, W]
+        # numpy, put on the device as it is (not through jnp.asarray)
+        self.pixels = pad_batch(padded, compiled_batch_size(self.count, options.batch_size))
+
+    def fetched(self, found: Detections) -> Detections:
+        """The detector's output brought to the host: only what the results need, not the
+        labels (8 MiB for 8 images of 512x512), the probabilities and masks only if kept."""
+        keep_masks, keep_probabilities = self.keep
+        return jax.device_get(
+            found._replace(
+                probabilities=found.probabilities if keep_probabilities else None,
+                labels=None,
+                masks=found.masks if keep_masks else None,
+            )
+        )
+
+    def labeled_on_host(self, probabilities: np.ndarray, threshold, min_area) -> list[Result]:
+        """The results of the network's probabilities labeled here (`detections_on_host`):
+        ``threshold`` and ``min_area`` numbers, or per image (``[B, 1, 1]`` and ``[B, 1]``)."""
+        found = detections_on_host(
+            probabilities[: self.count],
+            threshold=threshold,
+            max_components=self.max_components,
+            min_area=min_area,
+        )
+        return self.results(found)
+
+    def results(self, found: Detections) -> list[Result]:
+        """The batch's results (padding dropped), each naming the model that answered."""
+        results = batch_results(found, self.count, self.shape, *self.keep)
+        for result, name in zip(results, self.names, strict=True):
+            result.model = name
+        return results
 
 
 class _Decoded(NamedTuple):

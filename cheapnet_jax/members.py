@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cheapnet_jax import data
 from cheapnet_jax.detection import (
     INFERENCE_DTYPES,
     Detections,
     check_dtype,
     detections_from_probabilities,
+    normalization_table,
 )
 from cheapnet_jax.model import CheapNet, fold_batch_norm
 
@@ -41,10 +41,8 @@ def stack_members(variables: Sequence[Mapping]) -> dict:
 
 
 def normalization_tables(normalizations: Sequence[tuple[float, float]]) -> np.ndarray:
-    """float32 ``[M, 256]``: each member's normalised value of every pixel value, computed on
-    the host by `data.normalize` (what `detection.normalize_on_device` looks up for one)."""
-    pixels = np.arange(256, dtype=np.uint8)
-    return np.stack([data.normalize(pixels, mean, std)[:, 0] for mean, std in normalizations])
+    """float32 ``[M, 256]``: each member's `detection.normalization_table`."""
+    return np.stack([normalization_table(mean, std) for mean, std in normalizations])
 
 
 def member_probabilities(

@@ -34,6 +34,8 @@ from cheapnet_jax.inspection import Defect, Inspector, Result
 RECORDS_FILE = "defects.jsonl"
 OVERLAY_WRITERS = 2
 """Threads that encode and write overlays side by side."""
+RECORDS_WAITING = 4 * OVERLAY_WRITERS
+"""Records held while their overlays are written (written in order once all are)."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,6 @@ def find_images(inputs: Iterable[str]) -> list[Path]:
                 raise FileNotFoundError(errno.ENOENT, "no such file, folder or matching glob", item)
             found += [p for p in matches if p.suffix.lower() in data.IMAGE_SUFFIXES]
     return list(dict.fromkeys(found))
-
-
-def read_image(path: Path) -> tuple[np.ndarray, str | None]:
-    """uint8 grayscale ``[H, W]`` and a warning (colour converted); DataError when unusable."""
-    return data.load_image(path, convert_to_grayscale=True)
 
 
 def image_record(path: Path, result: Result) -> dict:
@@ -231,7 +228,7 @@ def _predict_files(
                         f"over {inspector.options.tile_above} pixels (--tile-above)"
                     )
             waiting.append((record, written))
-            if len(waiting) >= 4 * OVERLAY_WRITERS or result.error is not None:
+            if len(waiting) >= RECORDS_WAITING or result.error is not None:
                 write_waiting()
             progress.update(1)
         write_waiting()

@@ -190,24 +190,29 @@ def test_non_contiguous_and_other_dtypes_read_as_torch_reads_them(tmp_path):
 def test_a_core_install_reads_the_authors_checkpoint(tmp_path, samples_folder):
     """Without torch (its import blocked, as on a core install): predict.py reads an authors'
     checkpoint; writing one names the extra in one line."""
-    block = "import sys; sys.modules['torch'] = None; "
-    predict = (
-        block + "from cheapnet_jax.cli.predict import main; "
-        f"sys.exit(main(['--checkpoint', {str(checkpoint_path(2))!r}, {str(samples_folder)!r}, "
-        f"'--out', {str(tmp_path / 'out')!r}, '--no-overlays', '--no-progress']))"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", predict], env=cli_env(), capture_output=True, text=True
-    )
+
+    def without_torch(command: str, args: list[str]) -> subprocess.CompletedProcess:
+        """``command``'s main(args) in a new process whose torch import is blocked."""
+        script = (
+            f"import sys; sys.modules['torch'] = None; from cheapnet_jax.cli.{command} import "
+            f"main; sys.exit(main({args!r}))"
+        )
+        return subprocess.run(
+            [sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True
+        )
+
+    checkpoint = str(checkpoint_path(2))
+    out = str(tmp_path / "out")
+    run = without_torch(
+        "predict",
+        ["--checkpoint", checkpoint, str(samples_folder), "--out", out, "--no-overlays",
+         "--no-progress"],
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "10 images predicted, 0 failed" in run.stdout
-    export = (
-        block + "from cheapnet_jax.cli.export import main; "
-        f"sys.exit(main(['--checkpoint', {str(checkpoint_path(2))!r}, '--format', 'torch', "
-        f"'--out', {str(tmp_path / 'copy.pkl')!r}]))"
-    )
-    refused = subprocess.run(
-        [sys.executable, "-c", export], env=cli_env(), capture_output=True, text=True
+    copy = str(tmp_path / "copy.pkl")
+    refused = without_torch(
+        "export", ["--checkpoint", checkpoint, "--format", "torch", "--out", copy]
     )
     assert refused.returncode == 1 and not (tmp_path / "copy.pkl").exists()
     assert refused.stderr.strip() == (

@@ -579,6 +579,23 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         metrics.inspections.labels(model_name, answer["verdict"]).inc()
         return JSONResponse(answer)
 
+    async def inspect_request(
+        request: Request,
+        threshold: float | None,
+        min_area: int | None,
+        overlay: bool,
+        model: str | None,
+    ) -> Response:
+        """The inspection routes' answer (`inspect_image` of the request's upload)."""
+        return await inspect_image(
+            lambda: _read_image_bytes(request),
+            threshold,
+            min_area,
+            overlay,
+            lambda work: _unless_disconnected(request, work),
+            model,
+        )
+
     @app.post(
         MODEL_INSPECT_PATH,
         summary="Inspect one image with a model of the service",
@@ -589,22 +606,11 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     async def inspect_by_model(
         name: str,
         request: Request,
-        threshold: Annotated[
-            float | None, Query(gt=0, lt=1, description="default: the model's calibration")
-        ] = None,
-        min_area: Annotated[
-            int | None, Query(ge=0, description="default: the model's calibration, else 0")
-        ] = None,
-        overlay: Annotated[bool, Query(description="return a PNG overlay (base64)")] = False,
+        threshold: ThresholdQuery = None,
+        min_area: MinAreaQuery = None,
+        overlay: OverlayQuery = False,
     ) -> Response:
-        return await inspect_image(
-            lambda: _read_image_bytes(request),
-            threshold,
-            min_area,
-            overlay,
-            lambda work: _unless_disconnected(request, work),
-            _served_model(served, name),
-        )
+        return await inspect_request(request, threshold, min_area, overlay, name)
 
     @app.post(
         f"/{API_VERSION}/inspect",
@@ -618,21 +624,11 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
     )
     async def inspect(
         request: Request,
-        threshold: Annotated[
-            float | None, Query(gt=0, lt=1, description="default: the calibration's, else 0.5")
-        ] = None,
-        min_area: Annotated[
-            int | None, Query(ge=0, description="default: the calibration's, else 0")
-        ] = None,
-        overlay: Annotated[bool, Query(description="return a PNG overlay (base64)")] = False,
+        threshold: ThresholdQuery = None,
+        min_area: MinAreaQuery = None,
+        overlay: OverlayQuery = False,
     ) -> Response:
-        return await inspect_image(
-            lambda: _read_image_bytes(request),
-            threshold,
-            min_area,
-            overlay,
-            lambda work: _unless_disconnected(request, work),
-        )
+        return await inspect_request(request, threshold, min_area, overlay, None)
 
     # Each middleware added wraps those added before it: added last, this one sees a request
     # first, and the requests it serves skip the routing, the dependencies and the others.
@@ -652,6 +648,16 @@ def create_app(inspector: Inspector, options: ServiceOptions = ServiceOptions())
         return HTMLResponse(page.replace("{{API_VERSION}}", json.dumps(API_VERSION)))
 
     return app
+
+
+ThresholdQuery = Annotated[
+    float | None, Query(gt=0, lt=1, description="default: the model's calibration, else 0.5")
+]
+MinAreaQuery = Annotated[
+    int | None, Query(ge=0, description="default: the model's calibration, else 0")
+]
+OverlayQuery = Annotated[bool, Query(description="return a PNG overlay (base64)")]
+"""The inspection routes' query parameters."""
 
 
 def _served_model(served: dict[str, Inspector], name: str | None) -> str:
