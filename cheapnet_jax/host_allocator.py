@@ -13,10 +13,18 @@ which more than half was kernel time, and 21 ms once the pages were kept (BENCHM
 `keep_freed_memory` puts every thread on glibc's main arena and raises its mmap and trim
 thresholds to 256 MiB, so that a freed block up to that size stays in the process and the next
 call reuses it. It must run before XLA's threads first allocate, that is before JAX's CPU
-backend starts: importing `cheapnet_jax` calls it. The cost: the process keeps up to 256 MiB
-of freed memory at its heap's top (and what fragmentation leaves below it) instead of returning
-it to the system, and its threads share one arena. Set ``CHEAPNET_JAX_MALLOC=system`` before
+backend starts: importing `cheapnet_jax` calls it. Set ``CHEAPNET_JAX_MALLOC=system`` before
 the import to leave glibc's defaults.
+
+Kept memory alone would accumulate when the work changes: blocks freed by one program sit in
+the heap among live ones, and the next program's blocks of other sizes fit between them only
+partly, so the heap grows past what is live. A process running the authors' checkpoints one
+width after another (G = 8, 32, 64 eagerly, float64 and float32) peaked at 1.7x the memory of
+glibc's defaults, G = 32 alone at 2.1x. So after every compilation (a new program: new block
+sizes ahead) the freed memory's pages go back to the system (`malloc_trim`): the heap keeps its
+layout, its free pages cost nothing until reused, and a program called again and again, which
+compiles nothing, still reuses its blocks without faults (BENCHMARKS.md, "Many widths in one
+process").
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ _M_ARENA_MAX = -8
 # other tests reached 18.6 GiB with 1 GiB here; that test alone: 7.7 GiB with glibc's
 # defaults, 10.0 with 1 GiB, 7.8 with 256 MiB).
 _KEEP_BYTES = 256 << 20
+# Recorded by JAX after each backend compilation (also for a persistent-cache hit), on the
+# compiling thread.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def keep_freed_memory() -> str:
@@ -60,4 +71,19 @@ def keep_freed_memory() -> str:
     refused = [name for name, (param, value) in settings.items() if libc.mallopt(param, value) != 1]
     if refused:
         return f"partly kept (glibc refused: {', '.join(refused)})"
+    _release_freed_pages_after_compiles(libc)
     return "kept (glibc, one arena)"
+
+
+def _release_freed_pages_after_compiles(libc: ctypes.CDLL) -> None:
+    """Hand the heap's free pages back to the system whenever JAX has compiled a program."""
+    # Imported here: the settings above must be made before anything of JAX starts.
+    import jax.monitoring
+
+    def release(event: str, duration_secs: float, **_: object) -> None:
+        if event == _COMPILE_EVENT:
+            # malloc_trim(0): every free chunk's whole pages are returned (madvise), not only
+            # the heap's top; the call costs well under a compilation.
+            libc.malloc_trim(0)
+
+    jax.monitoring.register_event_duration_secs_listener(release)
