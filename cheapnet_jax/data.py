@@ -11,7 +11,8 @@ rejected (not converted): DAGM is 8-bit grayscale, so anything else means the wr
 The plain layout, for a team's own data (`list_plain_samples`): ``images/`` and ``masks/`` with
 the same file stems, a missing mask meaning a defect-free image, masks 0 / non-zero; 8-bit
 grayscale images of any size, padded at the bottom and right to a multiple of 16 as
-`predict.py` pads them (`pad_to_multiple`). `list_samples` reads either layout.
+`predict.py` pads them (`pad_to_multiple`). `cheapnet_jax.layouts` recognises these and the
+annotation tools' layouts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -51,13 +52,20 @@ IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class DagmSample:
-    """An image and, when defective, its label file: a row of a DAGM ``Labels.txt``, or an
-    image of the plain layout (``any_size``: H and W need not be multiples of 16)."""
+    """An image and, when defective, the file its mask comes from: a row of a DAGM
+    ``Labels.txt``, or an image of another layout (``any_size``: H and W need not be multiples
+    of 16; `cheapnet_jax.layouts`).
+
+    ``mask_of``, when set, makes the mask from ``label_path`` for an image of shape ``[H, W]``
+    (annotations drawn, a colour mask's defect colours); else ``label_path`` is an 8-bit
+    grayscale mask whose non-zero pixels are defects.
+    """
 
     image_path: Path
     label_path: Path | None
     class_id: int
     any_size: bool = False
+    mask_of: Callable[[tuple[int, int]], np.ndarray] | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -123,20 +131,6 @@ def list_plain_samples(folder: str | os.PathLike) -> list[DagmSample]:
             raise DataError(f"{image}: two images share the stem {image.stem} ({seen[image.stem]})")
         seen[image.stem] = image
     return [DagmSample(image, masks.get(image.stem), 0, any_size=True) for image in images]
-
-
-def list_samples(folder: str | os.PathLike) -> list[DagmSample]:
-    """The samples of a DAGM class folder (``Label/Labels.txt``) or of a plain folder
-    (``images/`` and ``masks/``)."""
-    folder = Path(folder)
-    if (folder / "images").is_dir() and not (folder / LABELS_FILE).is_file():
-        return list_plain_samples(folder)
-    if folder.is_dir() and not (folder / LABELS_FILE).is_file():
-        raise DataError(
-            f"{folder}: neither a DAGM class folder (Label/Labels.txt) nor a plain one "
-            "(images/ and masks/)"
-        )
-    return list_dagm_samples(folder)
 
 
 def pad_axis_to_multiple(image: np.ndarray, axis: int) -> np.ndarray:
@@ -287,6 +281,8 @@ def read_sample(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
         check_image_size(sample.image_path, image.shape)
     if sample.label_path is None:
         return image, np.zeros(image.shape, bool)
+    if sample.mask_of is not None:
+        return image, sample.mask_of(image.shape)
     label = read_grayscale_png(sample.label_path)
     if label.shape != image.shape:
         raise DataError(
@@ -395,36 +391,19 @@ def dagm_split(
     return splits
 
 
-def plain_split(
-    folder: str | os.PathLike, seed: int = 0, train_fraction: float = 0.8
+def random_split(
+    samples: list[DagmSample], seed: int = 0, train_fraction: float = 0.8, name: object = ""
 ) -> dict[str, list[DagmSample]]:
-    """A plain folder's images, defective and defect-free alike, split ``train_fraction`` /
-    rest into train / validation by a fixed seed."""
-    samples = list_plain_samples(folder)
+    """Samples, defective and defect-free alike, split ``train_fraction`` / rest into train /
+    validation by a fixed seed (at least one image in each)."""
     if len(samples) < 2:
-        raise DataError(f"{Path(folder) / 'images'}: training needs at least 2 images")
+        raise DataError(f"{name}: training needs at least 2 images, found {len(samples)}")
     order = np.random.default_rng([seed, 0]).permutation(len(samples))
     cut = min(max(round(train_fraction * len(samples)), 1), len(samples) - 1)
     return {
         "train": [samples[i] for i in order[:cut]],
         "validation": [samples[i] for i in order[cut:]],
     }
-
-
-def training_splits(
-    source: str | os.PathLike, classes: list[int], protocol: str, seed: int
-) -> tuple[dict[str, list[DagmSample]], str]:
-    """A training run's train and validation samples from a folder, and their description: a
-    plain ``images/`` + ``masks/`` folder (`plain_split`), else a DAGM root by ``protocol``
-    (`paper_split` or `dagm_split`)."""
-    if (Path(source) / "images").is_dir():
-        return plain_split(source, seed=seed), f"{source} (images/, masks/)"
-    if protocol == "dagm":
-        splits = dagm_split(source, classes, seed=seed)
-        return splits, f"DAGM {source} classes {classes}, Train folders (dagm protocol)"
-    if protocol != "paper":
-        raise ValueError(f"protocol must be 'paper' or 'dagm', got {protocol!r}")
-    return paper_split(source, classes, seed=seed), f"DAGM {source} classes {classes} (paper)"
 
 
 def _read_padded(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:

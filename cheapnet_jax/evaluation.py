@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from cheapnet_jax import data, metrics, tfds_data
+from cheapnet_jax import data, layouts, metrics, tfds_data
 from cheapnet_jax.calibration import CalibrationData
 from cheapnet_jax.inspection import Inspector, Result, compiled_batch_size, pad_batch
 from cheapnet_jax.labeling import ComponentStats, component_stats, label_components
@@ -143,11 +144,12 @@ def evaluate_folder(
     batch_size: int | None = None,
     progress: bool = True,
     calibration: CalibrationData | None = None,
+    defect_classes: Sequence[str] = (),
 ) -> dict:
     """Segmentation and detection figures (see `Tally`) of ``inspector``'s answers (its
     threshold, min_area, normalisation and dtype: what predict.py answers) over every image
-    of a DAGM folder or a plain ``images/`` + ``masks/`` one (`data.list_samples`; images of
-    any size), of a list of samples, or of a TFDS split (`tfds_data.RecordSplit`).
+    of a data folder of any layout (`layouts.list_samples`, with its ``defect_classes``; images
+    of any size), of a list of samples, or of a TFDS split (`tfds_data.RecordSplit`).
 
     Segmentation: one confusion matrix summed over all images. ``batch_size`` images are read
     at a time (default: the inspector's batch size). With ``calibration``, each image's
@@ -156,7 +158,9 @@ def evaluate_folder(
     if isinstance(folder, tfds_data.RecordSplit):
         samples = folder
     else:
-        samples = folder if isinstance(folder, list) else data.list_samples(folder)
+        samples = (
+            folder if isinstance(folder, list) else layouts.list_samples(folder, defect_classes)
+        )
     batch_size = batch_size or inspector.options.batch_size
     max_components = inspector.options.max_components
     truth_of = jax.jit(lambda masks: ground_truth_components(masks, max_components))

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cheapnet_jax import data, metrics, synthetic, tfds_data
+from cheapnet_jax import data, layouts, metrics, synthetic, tfds_data
 from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from cheapnet_jax.errors import SettingsError, TrainingDivergedError
 from cheapnet_jax.files import exclusive_lock, write_atomic
@@ -59,6 +59,8 @@ class TrainConfig:
     # "paper": defective images only, 8:2 (the paper's figures); "dagm": DAGM's Train folder,
     # good images included, 8:2 into train and validation (Test left for evaluation)
     protocol: str = "paper"
+    # an annotated layout's classes that are defects (empty: all; `cheapnet_jax.layouts`)
+    defect_classes: tuple[str, ...] = ()
     epochs: int = 120
     batch_size: int = 8
     lr: float = 0.01
@@ -84,6 +86,7 @@ RESUME_SETTINGS = (
     "data",
     "classes",
     "protocol",
+    "defect_classes",
     "batch_size",
     "lr",
     "milestones",
@@ -125,8 +128,8 @@ class Dataset:
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
-    """The synthetic default, a DAGM 2007 root folder split by ``config.protocol``, a plain
-    ``images/`` + ``masks/`` folder split 8:2 (`data.plain_split`), or a prepared TFDS dataset
+    """The synthetic default, a DAGM 2007 root folder split by ``config.protocol``, a folder of
+    another layout split 8:2 (`layouts.training_splits`), or a prepared TFDS dataset
     (``tfds:dagm2007/class6``, `cheapnet_jax.tfds_data`)."""
     if tfds_data.is_tfds(config.data):
         # read on demand: each process reads only its share of each batch
@@ -140,8 +143,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
         train, validation = synthetic_splits(config)
         description = f"synthetic {config.image_size}x{config.image_size}"
     else:
-        splits, description = data.training_splits(
-            config.data, list(config.classes), config.protocol, config.seed
+        splits, description = layouts.training_splits(
+            config.data, list(config.classes), config.protocol, config.seed, config.defect_classes
         )
         train = data.load_samples(splits["train"], progress=config.progress)
         validation = data.load_samples(splits["validation"], progress=config.progress)

@@ -10,10 +10,10 @@ import pytest
 from conftest import run_tool
 from PIL import Image
 
-from cheapnet_jax import data
+from cheapnet_jax import data, layouts
 from cheapnet_jax.checkpoints import LoadedModel
 from cheapnet_jax.cli.evaluate import run_validation
-from cheapnet_jax.data import list_plain_samples, list_samples, normalize, pad_to_multiple
+from cheapnet_jax.data import list_plain_samples, normalize, pad_to_multiple
 from cheapnet_jax.errors import DataError
 from cheapnet_jax.synthetic import make_sample, make_split, write_dagm_folder
 
@@ -49,7 +49,7 @@ def write_plain_folder(folder, count: int, good: int, height: int, width: int, s
 
 def test_listing_and_its_mistakes(tmp_path):
     write_plain_folder(tmp_path / "ok", count=2, good=1, height=20, width=30)
-    samples = list_samples(tmp_path / "ok")
+    samples = layouts.list_samples(tmp_path / "ok")
     assert [s.label_path is not None for s in samples] == [True, True, False]
     assert all(s.any_size for s in samples)
 
@@ -61,8 +61,8 @@ def test_listing_and_its_mistakes(tmp_path):
     with pytest.raises(DataError, match="two images share the stem part00"):
         list_plain_samples(tmp_path / "ok")
     (tmp_path / "neither").mkdir()
-    with pytest.raises(DataError, match="neither a DAGM class folder"):
-        list_samples(tmp_path / "neither")
+    with pytest.raises(DataError, match="not a data folder of any known layout"):
+        layouts.list_samples(tmp_path / "neither")
 
 
 def test_evaluate_a_plain_folder_of_any_size(tmp_path):
@@ -106,7 +106,7 @@ def test_train_then_calibrate_on_a_plain_folder(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"] == str(tmp_path / "data")
     # calibrate on the images the run held out (8:2 of 10: 2 images), whatever their kind
-    held_out = data.plain_split(tmp_path / "data", seed=0)["validation"]
+    held_out = layouts.training_splits(tmp_path / "data", [], "paper", 0)[0]["validation"]
     good = sum(sample.label_path is None for sample in held_out)
     calibrated = run_tool(
         "evaluate.py", "--checkpoint", str(tmp_path / "run"), "--data", "validation",

@@ -115,7 +115,9 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         is_switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
-        return action.help if is_switch else super()._get_help_string(action)
+        # an empty default (no classes, no paths) says nothing the help does not
+        is_empty = action.default in ((), [], "")
+        return action.help if is_switch or is_empty else super()._get_help_string(action)
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -224,6 +226,14 @@ def increasing_counts(text: str) -> tuple[int, ...]:
 
 def _is_name(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_." for c in text)
+
+
+def class_names(text: str) -> tuple[str, ...]:
+    """``--defect-classes scratch,dent``: class names of an annotated layout, comma-separated."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected class names separated by commas")
+    return names
 
 
 def named_path(text: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from cheapnet_jax import cli, data, tfds_data
+from cheapnet_jax import cli, layouts, tfds_data
 from cheapnet_jax.calibration import CalibrationData, Setting, calibrate, write_calibration
 from cheapnet_jax.checkpoints import (
     AUTHORS_NORMALIZATION,
@@ -48,6 +48,7 @@ class EvaluationRequest:
 
     checkpoint: str | None = None
     data_source: str = "synthetic"
+    defect_classes: tuple[str, ...] = ()  # an annotated layout's defect classes (empty: all)
     json_path: str | None = None
     csv_path: str | None = None  # a population's table of members
     features: int = 2
@@ -269,7 +270,11 @@ def evaluate_checkpoint(request: EvaluationRequest) -> tuple[int, dict]:
         stopped = None
         try:
             results = evaluate_folder(
-                inspector, folder, progress=request.progress, calibration=calibration_data
+                inspector,
+                folder,
+                progress=request.progress,
+                calibration=calibration_data,
+                defect_classes=request.defect_classes,
             )
         except EvaluationStopped as err:
             if err.partial is None:
@@ -325,8 +330,12 @@ def run_validation(loaded: LoadedModel, scratch: Path) -> Path | list | tfds_dat
             defect_free=protocol_defect_free(count, protocol),
             split="validation",
         )
-    splits, _ = data.training_splits(
-        config["data"], list(config["classes"]), protocol, config["seed"]
+    splits, _ = layouts.training_splits(
+        config["data"],
+        list(config["classes"]),
+        protocol,
+        config["seed"],
+        tuple(config.get("defect_classes", ())),
     )
     return splits["validation"]
 
@@ -365,9 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--data",
         dest="data_source",
-        help="a DAGM class folder (Label/Labels.txt), a plain images/ + masks/ folder, "
-        "tfds:NAME/CONFIG[:SPLIT] (a prepared TFDS dataset; split: validation), 'synthetic', "
-        "or 'validation' (the split the checkpoint's training run held out)",
+        help="a DAGM class folder (Label/Labels.txt), a folder of your own (plain images/ + "
+        "masks/, COCO, LabelMe, CVAT masks, MVTec AD, KolektorSDD2), tfds:NAME/CONFIG[:SPLIT] "
+        "(a prepared TFDS dataset; split: validation), 'synthetic', or 'validation' (the split "
+        "the checkpoint's training run held out)",
+    )
+    add(
+        "--defect-classes",
+        type=cli.class_names,
+        help="the annotated classes that are defects, e.g. scratch,dent (default: all)",
     )
     add("--json", dest="json_path", help="also write the figures to this JSON file")
     add(

@@ -55,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--devices", type=cli.count, help="data-parallel devices (this process's)")
     add(
         "--data",
-        help="DAGM 2007 root folder, a plain images/ + masks/ folder, tfds:NAME/CONFIG (a "
-        "prepared TFDS dataset, e.g. tfds:dagm2007/class6), or 'synthetic'",
+        help="a DAGM 2007 root folder; a folder of your own (plain images/ + masks/, a COCO "
+        "export or JSON, LabelMe, CVAT segmentation masks, MVTec AD, KolektorSDD2: recognised "
+        "from its contents); tfds:NAME/CONFIG (a prepared TFDS dataset); or 'synthetic'",
+    )
+    add(
+        "--defect-classes",
+        type=cli.class_names,
+        help="the annotated classes that are defects, e.g. scratch,dent (default: all)",
     )
     add("--classes", type=dagm_classes, help="DAGM classes: '6', '1,2,3' or 'all'")
     add(
