@@ -7,7 +7,7 @@ which a script would take for success.
 
 from __future__ import annotations
 
-COMMANDS = ("train", "evaluate", "predict", "export", "serve", "synthetic")
+COMMANDS = ("train", "evaluate", "predict", "export", "serve", "synthetic", "data")
 """The commands: ``cheapnet-NAME``, also ``python -m cheapnet_jax.cli.NAME``."""
 
 _COMMAND_OF_MODULE = {
@@ -16,6 +16,8 @@ _COMMAND_OF_MODULE = {
     "cheapnet_jax.prediction": "predict",
     "cheapnet_jax.export": "export",
     "cheapnet_jax.synthetic": "synthetic",
+    "cheapnet_jax.data_check": "data",
+    "cheapnet_jax.layouts": "data",
     "cheapnet_jax.serve.app": "serve",
 }
 

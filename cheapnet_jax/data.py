@@ -236,11 +236,6 @@ def check_regular_file(path: str | os.PathLike) -> None:
         raise DataError(f"{path}: not a regular file (a folder, pipe, socket or device)")
 
 
-def read_grayscale_png(path: str | os.PathLike) -> np.ndarray:
-    """An 8-bit grayscale image as uint8 ``[H, W]``; DataError for anything else."""
-    return load_image(path)[0]
-
-
 def _describe_mode(mode: str) -> str:
     return {
         "RGB": "colour",
@@ -283,15 +278,32 @@ def read_sample(sample: DagmSample) -> tuple[np.ndarray, np.ndarray]:
         return image, np.zeros(image.shape, bool)
     if sample.mask_of is not None:
         return image, sample.mask_of(image.shape)
-    label = read_grayscale_png(sample.label_path)
+    label = read_mask(sample.label_path)
     if label.shape != image.shape:
         raise DataError(
             f"{sample.label_path}: label size {label.shape[0]}x{label.shape[1]} differs from "
             f"its image {sample.image_path.name} ({image.shape[0]}x{image.shape[1]})"
         )
-    # The authors read labels as 1-bit images: any non-zero pixel is a defect. (A plain
-    # layout's masks are read the same way: 0 / non-zero.)
-    return image, label > 0
+    return image, label
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file as bool ``[H, W]``: any non-zero pixel is a defect, as the authors read
+    their 1-bit labels. 0/255 and 0/1 grayscale alike; a palette mask by its indices (index 0
+    good); a colour mask by its colours (black good). 16-bit or wider: DataError."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in HIGH_BIT_DEPTH_MODES:
+                raise ImageModeError(
+                    f"{path}: mask mode {image.mode!r} ({_describe_mode(image.mode)}); expected "
+                    "8 bits: save it as 8-bit grayscale (0 good, non-zero defect)"
+                )
+            pixels = np.asarray(image)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot decode mask ({type(err).__name__}: {err})") from err
+    return pixels.any(-1) if pixels.ndim == 3 else pixels != 0
 
 
 def normalize(images: np.ndarray, mean: float = CLASS6_MEAN, std: float = CLASS6_STD) -> np.ndarray:

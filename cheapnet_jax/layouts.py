@@ -414,10 +414,10 @@ def _sample_with_mask(
 
 
 def _nonzero_mask(path: Path, shape: tuple) -> np.ndarray:
-    """A 0 / non-zero mask of any 8-bit mode (converted to grayscale first)."""
-    mask, _ = data.load_image(path, convert_to_grayscale=True)
+    """A 0 / non-zero mask of any 8-bit mode (`data.read_mask`)."""
+    mask = data.read_mask(path)
     _check_shape(path, mask.shape, shape)
-    return mask > 0
+    return mask
 
 
 def _mvtec_samples(source: Path, defect_classes: tuple[str, ...]) -> list[DagmSample]:

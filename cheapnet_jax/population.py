@@ -57,6 +57,7 @@ from cheapnet_jax.training import (
     TrainConfig,
     check_config,
     check_resumable,
+    check_training_data,
     checkpoint_meta,
     config_json,
     divergence,
@@ -310,6 +311,9 @@ def train_population(
     for member in members:
         check_config(member.config)
     devices = training_devices(base)
+    distinct_data = {_data_settings(member.config): member.config for member in members}
+    for config in distinct_data.values():
+        check_training_data(config)
     primary = jax.process_index() == 0
     workdir = Path(base.workdir)
     lock = exclusive_lock(workdir, "training run") if primary else contextlib.nullcontext()
@@ -386,6 +390,11 @@ def _write_population_json(workdir: Path, base: TrainConfig, run: _Run, primary:
         ],
     }
     write_atomic(workdir / POPULATION_FILE, json.dumps(document, indent=2) + "\n")
+
+
+def _data_settings(config: TrainConfig) -> tuple:
+    """What a member's data check depends on (members that share it are checked once)."""
+    return config.data, config.defect_classes, config.classes, config.protocol, config.seed
 
 
 def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[dict]:

@@ -34,9 +34,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from cheapnet_jax import data, layouts, metrics, synthetic, tfds_data
+from cheapnet_jax import data, data_check, layouts, metrics, synthetic, tfds_data
 from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
-from cheapnet_jax.errors import SettingsError, TrainingDivergedError
+from cheapnet_jax.errors import DataError, SettingsError, TrainingDivergedError
 from cheapnet_jax.files import exclusive_lock, write_atomic
 from cheapnet_jax.losses import LOSSES, Loss, bce_with_logits
 from cheapnet_jax.model import CheapNet, init_variables
@@ -150,6 +150,28 @@ def load_dataset(config: TrainConfig) -> Dataset:
         validation = data.load_samples(splits["validation"], progress=config.progress)
     mean, std = data.normalization_statistics(train[0])
     return Dataset(*train, *validation, mean=mean, std=std, description=description)
+
+
+def check_training_data(config: TrainConfig) -> None:
+    """The data check of a folder given as ``--data`` (`data_check.check_folder`, as
+    ``cheapnet-data check`` runs it), before anything is written: DataError naming its first
+    error, its warnings printed. Synthetic and TFDS data are not checked."""
+    if config.data == "synthetic" or tfds_data.is_tfds(config.data):
+        return
+    report = data_check.check_folder(
+        config.data,
+        defect_classes=config.defect_classes,
+        classes=config.classes,
+        protocol=config.protocol,
+        seed=config.seed,
+    )
+    if report.errors:
+        more = len(report.errors) - 1
+        others = f" (and {more} more: cheapnet-data check {config.data})" if more else ""
+        raise DataError(f"{report.errors[0]}{others}")
+    if jax.process_index() == 0:
+        for line in report.warnings:
+            print(f"data check: warning: {line}")
 
 
 def synthetic_splits(config: TrainConfig) -> tuple[tuple, tuple]:
@@ -479,6 +501,7 @@ def train_and_evaluate(config: TrainConfig, *, allow_changes: bool = False) -> d
     """
     check_config(config)
     devices = training_devices(config)
+    check_training_data(config)
     primary = jax.process_index() == 0
     workdir = Path(config.workdir)
     # Process 0 holds the workdir's lock for the run: a second run on it stops at once.

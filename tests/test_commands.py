@@ -75,7 +75,7 @@ def test_a_switch_s_help_does_not_show_its_destination_s_default(name):
         if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
             switches += 1
             assert "%(default)" not in help_string, action.option_strings
-        elif action.help and action.default not in (None, argparse.SUPPRESS):
+        elif action.help and action.default not in (None, argparse.SUPPRESS, (), [], ""):
             assert "%(default)" in help_string, action.option_strings
     assert switches >= 1
     if name == "predict":

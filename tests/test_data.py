@@ -13,8 +13,8 @@ from cheapnet_jax.data import (
     DataError,
     iterate_batches,
     list_dagm_samples,
+    load_image,
     normalize,
-    read_grayscale_png,
     read_sample,
     threaded_map,
 )
@@ -88,7 +88,7 @@ def test_corrupt_png(folder):
 def test_an_rgb_training_image_is_converted_as_predict_converts_it(folder):
     """One rule for colour input across the tools: training reads a colour image as Pillow's
     grayscale conversion (the one predict.py and the service apply), with a warning naming
-    the file; a mask (a label) is never converted."""
+    the file."""
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(folder / "0001.PNG")
     sample = list_dagm_samples(folder)[0]
@@ -98,7 +98,7 @@ def test_an_rgb_training_image_is_converted_as_predict_converts_it(folder):
     np.testing.assert_array_equal(image, expected)
     assert not np.array_equal(image, rgb[..., 0])
     with pytest.raises(DataError, match=r"0001\.PNG: image mode 'RGB' \(colour\)"):
-        read_grayscale_png(folder / "0001.PNG")
+        load_image(folder / "0001.PNG")  # without conversion asked for
 
 
 def test_16_bit_png_is_rejected(folder):

@@ -228,6 +228,19 @@ def _is_name(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_." for c in text)
 
 
+def dagm_classes(text: str) -> tuple[int, ...]:
+    """``all`` or comma-separated DAGM class numbers 1..10."""
+    if text == "all":
+        return tuple(range(1, 11))
+    try:
+        classes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected '6', '1,2,3' or 'all'") from None
+    if not classes or any(not 1 <= c <= 10 for c in classes):
+        raise argparse.ArgumentTypeError(f"{text!r}: DAGM classes are 1..10")
+    return classes
+
+
 def class_names(text: str) -> tuple[str, ...]:
     """``--defect-classes scratch,dent``: class names of an annotated layout, comma-separated."""
     names = tuple(name.strip() for name in text.split(","))

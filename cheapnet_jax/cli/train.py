@@ -22,19 +22,6 @@ from cheapnet_jax.training import LOSSES, TrainConfig, train_and_evaluate
 DEFAULTS = TrainConfig()
 
 
-def dagm_classes(text: str) -> tuple[int, ...]:
-    """``all`` or comma-separated DAGM class numbers 1..10."""
-    if text == "all":
-        return tuple(range(1, 11))
-    try:
-        classes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected '6', '1,2,3' or 'all'") from None
-    if not classes or any(not 1 <= c <= 10 for c in classes):
-        raise argparse.ArgumentTypeError(f"{text!r}: DAGM classes are 1..10")
-    return classes
-
-
 def population_axis(text: str) -> tuple[str, tuple]:
     """``KEY=VALUES`` of ``--population`` (`population.parse_axis`)."""
     try:
@@ -64,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.class_names,
         help="the annotated classes that are defects, e.g. scratch,dent (default: all)",
     )
-    add("--classes", type=dagm_classes, help="DAGM classes: '6', '1,2,3' or 'all'")
+    add("--classes", type=cli.dagm_classes, help="DAGM classes: '6', '1,2,3' or 'all'")
     add(
         "--protocol",
         choices=["paper", "dagm"],
