@@ -90,6 +90,7 @@ CONVENTIONS = {
     "colour": "colour masks: black is good, every other colour a defect",
     "other": "masks with values other than 0/1 or 0/255: every non-zero value is a defect",
     "annotations": "masks drawn from the annotations",
+    "label map": "colour masks read by their label map: the defect classes' colours are defects",
 }
 
 
@@ -124,8 +125,12 @@ def _measure(sample: DagmSample) -> tuple[tuple[int, int], float, str | None, st
     notes = [str(w.message) for w in caught if issubclass(w.category, data.ConvertedImageWarning)]
     convention = None
     if sample.label_path is not None:
-        is_annotation = sample.label_path.suffix.lower() == ".json"
-        convention = "annotations" if is_annotation else mask_convention(sample.label_path)
+        if sample.label_path.suffix.lower() == ".json":
+            convention = "annotations"
+        elif getattr(sample.mask_of, "func", None) is layouts.colour_mask:
+            convention = "label map"
+        else:
+            convention = mask_convention(sample.label_path)
     digest = hashlib.sha1(image.tobytes() + str(image.shape).encode()).hexdigest()
     return image.shape[:2], float(mask.mean()), convention, digest, notes
 

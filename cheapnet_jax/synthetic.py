@@ -20,6 +20,7 @@ the DAGM layout (`NNNN.PNG`, `Label/Labels.txt`, `Label/NNNN_label.PNG`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -211,6 +212,78 @@ def write_dagm_folder(
             rows.append(f"{index + 1}\t0\t{name}.PNG\t0\t0")
     (folder / LABELS_FILE).write_text("\n".join(rows) + "\n")
     return folder
+
+
+WRITTEN_LAYOUTS = ("dagm", "plain", "coco", "cvat-mask")
+"""The layouts `write_layout` writes (`cheapnet_jax.layouts` reads them and more)."""
+
+
+def write_layout(
+    folder: str | os.PathLike,
+    layout: str,
+    count: int = 8,
+    size: int = 128,
+    seed: int = 0,
+    defect_free: int = 0,
+    split: str = "test",
+) -> Path:
+    """Write a split's images (as `write_dagm_folder`) in one of `WRITTEN_LAYOUTS`, as the
+    tools export them: plain (``images/``, ``masks/`` 0/255); coco (``images/`` and
+    ``annotations.json``, each defect a compressed RLE of category ``defect``); cvat-mask
+    (``JPEGImages/`` as PNG, ``SegmentationClass/`` colour masks, ``labelmap.txt``)."""
+    if layout == "dagm":
+        return write_dagm_folder(folder, count, size, seed, 0, defect_free, split)
+    if layout not in WRITTEN_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(WRITTEN_LAYOUTS)}, got {layout!r}")
+    folder = Path(folder)
+    images, masks = make_split(split, count, size, seed, defect_free)
+    names = [f"part{index + 1:04d}" for index in range(len(images))]
+    image_folder = folder / ("JPEGImages" if layout == "cvat-mask" else "images")
+    image_folder.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, images, strict=True):
+        Image.fromarray(image).save(image_folder / f"{name}.png")
+    defective = [(name, mask) for name, mask in zip(names, masks, strict=True) if mask.any()]
+    if layout == "plain":
+        (folder / "masks").mkdir(exist_ok=True)
+        for name, mask in defective:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / f"{name}.png")
+    elif layout == "cvat-mask":
+        (folder / "SegmentationClass").mkdir(exist_ok=True)
+        (folder / "labelmap.txt").write_text(
+            "# label:color_rgb:parts:actions\nbackground:0,0,0::\ndefect:250,50,83::\n"
+        )
+        for name, mask in zip(names, masks, strict=True):  # CVAT writes every image's mask
+            colours = np.zeros((*mask.shape, 3), np.uint8)
+            colours[mask] = (250, 50, 83)
+            Image.fromarray(colours).save(folder / "SegmentationClass" / f"{name}.png")
+    else:
+        _write_coco(folder / "annotations.json", names, masks)
+    return folder
+
+
+def _write_coco(path: Path, names: list[str], masks: np.ndarray) -> None:
+    from pycocotools import mask as coco_masks
+
+    images, annotations = [], []
+    for index, (name, mask) in enumerate(zip(names, masks, strict=True), start=1):
+        height, width = mask.shape
+        images.append({"id": index, "file_name": f"{name}.png", "height": height, "width": width})
+        if mask.any():
+            rle = coco_masks.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "area": int(mask.sum()),
+                    "bbox": [float(v) for v in coco_masks.toBbox(rle)],
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                }
+            )
+    categories = [{"id": 1, "name": "defect"}]
+    document = {"images": images, "annotations": annotations, "categories": categories}
+    path.write_text(json.dumps(document))
 
 
 def protocol_defect_free(count: int, protocol: str) -> int:
