@@ -44,7 +44,7 @@ def step_seconds(
 
     from cheapnet_jax import CheapNet
     from cheapnet_jax.bench import time_call
-    from cheapnet_jax.population import parallel_population_step, stack_members
+    from cheapnet_jax.population import SharedSettings, parallel_population_step, stack_members
     from cheapnet_jax.training import (
         AXIS,
         TrainConfig,
@@ -71,7 +71,10 @@ def step_seconds(
     state = initial_state(config, model, optimizer)
     x, y = batch_of()
     solo_s = time_call(lambda: solo(state, x, y)[1]["loss"], runs=runs).median_s
-    step = parallel_population_step(model, config.gamma, config.milestones, ["bce-logits"], devices)
+    shared = SharedSettings(
+        config.gamma, config.milestones, ("bce-logits",), config.pos_weight, False, 0
+    )
+    step = parallel_population_step(model, shared, devices)
     population_s = {}
     for p in members:
         stacked = stack_members(
@@ -82,6 +85,10 @@ def step_seconds(
             np.full(p, 8, np.int32),
             np.zeros(p, np.int32),
             np.ones(p, bool),
+            np.zeros(p, np.int32),  # no augmentation: seeds, operations, normalisation unused
+            np.zeros((p, 5), bool),
+            np.zeros(p, np.float32),
+            np.ones(p, np.float32),
         )
         x, y = batch_of(p)
         operands = (stacked, x, y, *settings)

@@ -451,6 +451,26 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
+def balanced_order(
+    defective: np.ndarray, seed: int, epoch: int, batch_size: int, steps: int, fraction: float
+) -> np.ndarray:
+    """An epoch's ``steps`` batches of examples with ``round(fraction * batch_size)`` defective
+    ones each (at least one), the rest good: each kind shuffled by (seed, epoch) and gone
+    through in turn, starting over when used up. A pure function of its arguments; the plain
+    `epoch_order` when either kind is missing."""
+    defective = np.asarray(defective, bool)
+    bad, good = np.flatnonzero(defective), np.flatnonzero(~defective)
+    if not len(bad) or not len(good):
+        return epoch_order(len(defective), seed, epoch)
+    rng = np.random.default_rng([seed, epoch, 1])
+    per_batch = min(max(round(fraction * batch_size), 1), batch_size - 1)
+    rest = batch_size - per_batch
+    bad_stream = np.resize(rng.permutation(bad), steps * per_batch).reshape(steps, per_batch)
+    good_stream = np.resize(rng.permutation(good), steps * rest).reshape(steps, rest)
+    batches = np.concatenate([bad_stream, good_stream], axis=1)
+    return np.concatenate([rng.permutation(batch) for batch in batches])
+
+
 def host_share(
     indices: np.ndarray, process_index: int | None = None, process_count: int | None = None
 ) -> np.ndarray:

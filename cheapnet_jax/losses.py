@@ -1,4 +1,6 @@
-"""Training losses: binary cross-entropy on logits (default) and the authors' exact form.
+"""Training losses: binary cross-entropy on logits (default), the authors' exact form, and for
+small, imbalanced sets positively weighted BCE, soft Dice, Focal, and sums of them
+(``bce-logits+dice``: `loss_named`).
 
 The authors train with ``BCELoss()(torch.sigmoid(logits), masks)``. Mathematically that is
 binary cross-entropy on logits, but PyTorch evaluates it on the *probabilities*: it clamps
@@ -11,6 +13,7 @@ instead of -1. ``"bce-sigmoid"`` reproduces that behaviour, value and gradient.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -59,5 +62,71 @@ def bce_on_sigmoid(logits: jax.Array, masks: jax.Array) -> jax.Array:
     return torch_bce(jax.nn.sigmoid(logits), masks.astype(logits.dtype))
 
 
-LOSSES: dict[str, Loss] = {"bce-logits": bce_with_logits, "bce-sigmoid": bce_on_sigmoid}
-"""``--loss`` choices: name -> ``loss(logits [B, H, W, 1], masks [B, H, W, 1]) -> scalar``."""
+POS_WEIGHT = 10.0
+"""``--pos-weight``'s default: how much more a defect pixel counts in ``bce-weighted``."""
+DICE_SMOOTHING = 1.0
+"""Added to the soft Dice's numerator and denominator: a batch without defects, predicted
+without defects, scores 0 loss rather than 0/0."""
+FOCAL_GAMMA = 2.0
+"""The focusing exponent of the Focal loss (Lin et al.'s default)."""
+
+
+def weighted_bce(logits: jax.Array, masks: jax.Array, pos_weight: float = POS_WEIGHT) -> jax.Array:
+    """Mean BCE on logits with defect pixels weighted ``pos_weight`` (PyTorch's
+    ``BCEWithLogitsLoss(pos_weight=...)``)."""
+    targets = masks.astype(logits.dtype)
+    log_p = jax.nn.log_sigmoid(logits)
+    log_not_p = jax.nn.log_sigmoid(-logits)
+    return -jnp.mean(pos_weight * targets * log_p + (1 - targets) * log_not_p)
+
+
+def soft_dice(logits: jax.Array, masks: jax.Array) -> jax.Array:
+    """1 - the soft Dice coefficient of the sigmoid probabilities over the whole batch."""
+    probabilities = jax.nn.sigmoid(logits)
+    targets = masks.astype(logits.dtype)
+    overlap = jnp.sum(probabilities * targets)
+    total = jnp.sum(probabilities) + jnp.sum(targets)
+    return 1 - (2 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING)
+
+
+def focal(logits: jax.Array, masks: jax.Array) -> jax.Array:
+    """Mean Focal loss (optax's ``sigmoid_focal_loss``, gamma `FOCAL_GAMMA`, no alpha)."""
+    targets = masks.astype(logits.dtype)
+    return jnp.mean(optax.sigmoid_focal_loss(logits, targets, gamma=FOCAL_GAMMA))
+
+
+LOSSES: dict[str, Loss] = {
+    "bce-logits": bce_with_logits,
+    "bce-sigmoid": bce_on_sigmoid,
+    "bce-weighted": weighted_bce,
+    "dice": soft_dice,
+    "focal": focal,
+}
+"""``--loss`` terms: name -> ``loss(logits [B, H, W, 1], masks [B, H, W, 1]) -> scalar``; a
+``--loss`` is one of them or a sum such as ``bce-logits+dice`` (`loss_named`)."""
+
+
+def check_loss_name(name: str) -> None:
+    """ValueError naming the unknown term of a ``--loss`` (one term, or terms joined by +)."""
+    terms = name.split("+")
+    unknown = [term for term in terms if term not in LOSSES]
+    if unknown or len(set(terms)) != len(terms):
+        what = f"unknown term {unknown[0]!r}" if unknown else "a repeated term"
+        raise ValueError(
+            f"loss {name!r}: {what}; a loss is one of {', '.join(LOSSES)} or a sum of them "
+            "joined by + (e.g. bce-logits+dice)"
+        )
+
+
+def loss_named(name: str, pos_weight: float = POS_WEIGHT) -> Loss:
+    """The loss of a ``--loss`` name: one term of `LOSSES` or their sum (``a+b``)."""
+    check_loss_name(name)
+    terms = [
+        functools.partial(weighted_bce, pos_weight=pos_weight)
+        if term == "bce-weighted"
+        else LOSSES[term]
+        for term in name.split("+")
+    ]
+    if len(terms) == 1:
+        return terms[0]
+    return lambda logits, masks: sum(term(logits, masks) for term in terms)

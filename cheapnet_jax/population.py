@@ -34,7 +34,7 @@ import math
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
@@ -43,19 +43,23 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
+from cheapnet_jax.augmentation import augment_batch, augmentation_flags, step_key
 from cheapnet_jax.checkpoints import MEMBERS_DIR, POPULATION_FILE, Checkpoints
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import exclusive_lock, write_atomic
-from cheapnet_jax.losses import LOSSES
+from cheapnet_jax.losses import check_loss_name, loss_named
 from cheapnet_jax.model import CheapNet
 from cheapnet_jax.runlog import MetricsLog
 from cheapnet_jax.training import (
     AXIS,
     DTYPES,
     LOG_EVERY,
+    RECIPES,
     Dataset,
+    EarlyStopping,
     TrainConfig,
     check_config,
+    check_crop_size,
     check_resumable,
     check_training_data,
     checkpoint_meta,
@@ -73,11 +77,13 @@ from cheapnet_jax.training import (
     stepped_adam,
     training_batch,
     training_devices,
+    training_order,
     validation_batch,
+    with_recipe,
     write_run_files,
 )
 
-MEMBER_KEYS = ("seed", "lr", "loss", "classes", "data")
+MEMBER_KEYS = ("seed", "lr", "loss", "classes", "data", "recipe", "augment", "balance")
 """The settings in which members may differ (``--population KEY=VALUES``)."""
 SUMMARY_FILE = "population.csv"
 
@@ -109,8 +115,10 @@ def _integers(text: str) -> list[int]:
 def parse_axis(text: str) -> tuple[str, tuple]:
     """``KEY=VALUES`` -> ``(key, values)``; ValueError saying what was wrong.
 
-    seed: integers and ranges (``0..7``); lr: positive numbers; loss: names of `LOSSES`;
-    classes: DAGM classes 1..10 (one per member); data: folders (comma-separated).
+    seed: integers and ranges (``0..7``); lr: positive numbers; loss: losses or sums of them
+    (``bce-logits+dice``); classes: DAGM classes 1..10 (one per member); data: folders
+    (comma-separated); recipe: names of `RECIPES` (each member takes its recipe's settings);
+    augment: operations joined by + (``flip+rot90``) or ``none``; balance: shares in [0, 1).
     """
     key, equals, values = text.partition("=")
     if not equals or not values:
@@ -130,9 +138,21 @@ def parse_axis(text: str) -> tuple[str, tuple]:
                 raise ValueError("learning rates must be finite numbers > 0")
         elif key == "loss":
             parsed = values.split(",")
-            unknown = [v for v in parsed if v not in LOSSES]
+            for name in parsed:
+                check_loss_name(name)
+        elif key == "recipe":
+            parsed = values.split(",")
+            unknown = [v for v in parsed if v not in RECIPES]
             if unknown:
-                raise ValueError(f"unknown loss {unknown[0]!r} (one of {', '.join(LOSSES)})")
+                raise ValueError(f"unknown recipe {unknown[0]!r} (one of {', '.join(RECIPES)})")
+        elif key == "augment":
+            parsed = [() if v == "none" else tuple(v.split("+")) for v in values.split(",")]
+            for names in parsed:
+                augmentation_flags(names)
+        elif key == "balance":
+            parsed = [float(v) for v in values.split(",")]
+            if any(not 0 <= v < 1 for v in parsed):
+                raise ValueError("balance shares must be in [0, 1)")
         else:
             parsed = values.split(",")
     except ValueError as err:
@@ -161,8 +181,10 @@ def _value_name(key: str, value) -> str:
         return str(value[0])
     if key == "data":
         return re.sub(r"[^A-Za-z0-9.+-]+", "-", Path(value).name or str(value)).strip("-")
-    if key == "lr":
+    if key in ("lr", "balance"):
         return f"{value:g}"
+    if key == "augment":
+        return "+".join(value) or "none"
     return str(value)
 
 
@@ -181,7 +203,11 @@ def population_members(base: TrainConfig, grid: list[dict]) -> list[Member]:
     for settings in grid:
         name = "_".join(f"{key}-{_value_name(key, value)}" for key, value in settings.items())
         workdir = str(Path(base.workdir) / MEMBERS_DIR / name)
-        members.append(Member(name, settings, replace(base, **settings, workdir=workdir)))
+        others = {key: value for key, value in settings.items() if key != "recipe"}
+        config = replace(base, **others, workdir=workdir)
+        if "recipe" in settings:
+            config = with_recipe(config, settings["recipe"], **others)
+        members.append(Member(name, settings, config))
     names = [member.name for member in members]
     for name in names:
         if names.count(name) > 1:
@@ -215,23 +241,43 @@ def members_per_chunk(members: int, pixels_per_member: int, chunk_pixels: int | 
     return max(fitting, default=1)
 
 
-def make_population_step(
-    model: CheapNet,
-    gamma: float,
-    milestones: tuple[int, ...],
-    loss_names: Sequence[str],
-    chunk_pixels: int | None = None,
-):
+@dataclass(frozen=True)
+class SharedSettings:
+    """What every member's step shares (constants of the compiled step): the schedule's gamma
+    and milestones, the losses members pick from, BCE's defect weight, whether members augment
+    and the crop size."""
+
+    gamma: float
+    milestones: tuple[int, ...]
+    loss_names: tuple[str, ...]
+    pos_weight: float
+    augmenting: bool
+    crop_size: int
+
+
+def make_population_step(model: CheapNet, shared: SharedSettings, chunk_pixels: int | None = None):
     """The training step of one device's share of every member's batch, vmapped over members
     (in chunks of `members_per_chunk`, one chunk after another, with ``chunk_pixels``).
 
     Per member: state, x, masks, its learning rate, its steps per epoch (the schedule counts
-    epochs by them), the index of its loss in ``loss_names`` and whether it takes this step.
+    epochs by them), the index of its loss in ``shared.loss_names``, whether it takes this step,
+    and what its augmentation draws from: its seed, its operations (`augmentation_flags`) and
+    its data's normalisation.
     """
-    losses = [LOSSES[name] for name in loss_names]
+    losses = [loss_named(name, shared.pos_weight) for name in shared.loss_names]
+    gamma, milestones = shared.gamma, shared.milestones
 
-    def member_step(state, x, masks, lr, steps_per_epoch, loss_index, active):
+    def member_step(
+        state, x, masks, lr, steps_per_epoch, loss_index, active, seed, flags, mean, std
+    ):
         optimizer = stepped_adam(lr, gamma, milestones, steps_per_epoch)
+        augment = None
+        if shared.augmenting:
+
+            def augment(step, x, masks):
+                key = step_key(seed, step, AXIS)
+                return augment_batch(key, x, masks, flags, mean, std, shared.crop_size)
+
         if len(losses) == 1:
             loss = losses[0]
         else:
@@ -240,13 +286,13 @@ def make_population_step(
             def loss(logits, targets):
                 return jax.lax.switch(loss_index, losses, logits, targets)
 
-        new_state, out = make_train_step(model, optimizer, loss)(state, x, masks)
+        new_state, out = make_train_step(model, optimizer, loss, augment)(state, x, masks)
         kept = jax.tree.map(lambda new, old: jnp.where(active, new, old), new_state, state)
         return kept, out
 
-    def population_step(state, x, masks, lr, steps_per_epoch, loss_index, active):
-        members = lr.shape[0]
-        operands = (state, x, masks, lr, steps_per_epoch, loss_index, active)
+    def population_step(state, x, masks, *per_member):
+        members = per_member[0].shape[0]
+        operands = (state, x, masks, *per_member)
         chunk = members_per_chunk(members, math.prod(x.shape[1:4]), chunk_pixels)
         if chunk == 1 and chunk_pixels is not None:  # one at a time, without vmap's cost
             return jax.lax.map(lambda one: member_step(*one), operands)
@@ -259,14 +305,14 @@ def make_population_step(
     return population_step
 
 
-def parallel_population_step(model, gamma, milestones, loss_names, devices):
+def parallel_population_step(model, shared: SharedSettings, devices):
     """`make_population_step` data-parallel: the stacked state and the per-member settings go
     in unreplicated, x and masks carry ``[devices, members, ...]``. Chunked on the CPU."""
     chunk_pixels = CPU_CHUNK_PIXELS if devices[0].platform == "cpu" else None
     return jax.pmap(
-        make_population_step(model, gamma, milestones, loss_names, chunk_pixels),
+        make_population_step(model, shared, chunk_pixels),
         axis_name=AXIS,
-        in_axes=(None, 0, 0, None, None, None, None),
+        in_axes=(None, 0, 0) + (None,) * 8,
         out_axes=(None, None),
         devices=devices,
     )
@@ -291,10 +337,11 @@ class _Run:
     checkpoints: list[Checkpoints]
     logs: list[MetricsLog | None]
     first_epochs: list[int]
-    status: list[str]  # "training", "finished" or "diverged"
+    status: list[str]  # "training", "finished", "stopped early" or "diverged"
     messages: list[str]
     devices: int  # this process's devices: each host's share of a batch is split over them
     dtype: type
+    stopping: list[EarlyStopping] = field(default_factory=list)
 
 
 def train_population(
@@ -412,25 +459,44 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
     model = CheapNet(base.features, impl=base.impl, bn_axis_name=AXIS)
     replicated = replicated_sharding(devices)
     states = []
+    run.stopping = []
     for i, member in enumerate(run.members):
         optimizer = make_optimizer(member.config, steps_per_epoch[i])
         state = initial_state(member.config, model, optimizer)
         restored = run.checkpoints[i].restore_latest(state, replicated)
+        meta = None
         if restored is not None:
             state, meta = restored
             run.first_epochs[i] = int(meta["epoch"]) + 1
         states.append(state)
+        run.stopping.append(EarlyStopping.resumed(member.config.patience, meta))
     if primary and any(run.first_epochs):
         print(f"resumed from {base.workdir} at epochs {_epoch_ranges(run)}")
     stacked = jax.device_put(stack_members(states), replicated)
 
-    loss_names = sorted({member.config.loss for member in run.members})
-    hyper = (
-        np.array([m.config.lr for m in run.members], run.dtype),
-        np.array(steps_per_epoch, np.int32),
-        np.array([loss_names.index(m.config.loss) for m in run.members], np.int32),
+    configs = [member.config for member in run.members]
+    for config in configs:
+        check_crop_size(config.crop_size, run.datasets[0].train_images.shape[1:3])
+    shared = SharedSettings(
+        base.gamma,
+        base.milestones,
+        tuple(sorted({config.loss for config in configs})),
+        base.pos_weight,
+        any(config.augment or config.crop_size for config in configs),
+        _one(configs, "crop_size"),
     )
-    train_step = parallel_population_step(model, base.gamma, base.milestones, loss_names, devices)
+    hyper = (
+        np.array([c.lr for c in configs], run.dtype),
+        np.array(steps_per_epoch, np.int32),
+        np.array([shared.loss_names.index(c.loss) for c in configs], np.int32),
+    )
+    augmentation = (
+        np.array([c.seed for c in configs], np.int32),
+        np.stack([augmentation_flags(c.augment) for c in configs]),
+        np.array([ds.mean for ds in run.datasets], run.dtype),
+        np.array([ds.std for ds in run.datasets], run.dtype),
+    )
+    train_step = parallel_population_step(model, shared, devices)
     eval_step = parallel_eval_step(
         jax.vmap(make_eval_step(CheapNet(base.features, impl=base.impl))), devices
     )
@@ -444,8 +510,9 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
             if not any(taking_part):
                 continue
             stacked, losses = _train_epoch(
-                base, run, stacked, train_step, hyper, epoch, steps_per_epoch, taking_part, primary
-            )
+                base, run, stacked, train_step, hyper, augmentation, epoch, steps_per_epoch,
+                taking_part, primary,
+            )  # fmt: skip
             counts = _validation_counts(eval_step, stacked, run, base.batch_size)
             scores = [
                 (_finish_member_epoch(run, i, stacked, epoch, losses[i], counts[i]), name)
@@ -470,19 +537,36 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
     return rows
 
 
+def _one(configs: list[TrainConfig], name: str):
+    """The setting all members share; SettingsError naming it where they differ."""
+    values = {getattr(config, name) for config in configs}
+    if len(values) > 1:
+        raise SettingsError(f"the members' {name} differ ({sorted(values)}): it must be one")
+    return values.pop()
+
+
 def _epoch_ranges(run: _Run) -> str:
     epochs = sorted(set(run.first_epochs))
     return ", ".join(str(e) for e in epochs)
 
 
 def _train_epoch(
-    base, run, stacked, train_step, hyper, epoch, steps_per_epoch, taking_part, primary
+    base,
+    run,
+    stacked,
+    train_step,
+    hyper,
+    augmentation,
+    epoch,
+    steps_per_epoch,
+    taking_part,
+    primary,
 ):
     """One epoch of every member taking part; returns the state and each member's mean loss."""
     batch = base.batch_size
     orders = [
-        data.epoch_order(len(ds.train_images), m.config.seed, epoch)
-        for m, ds in zip(run.members, run.datasets, strict=True)
+        training_order(m.config, ds, epoch, steps)
+        for m, ds, steps in zip(run.members, run.datasets, steps_per_epoch, strict=True)
     ]
     steps = max(s for s, part in zip(steps_per_epoch, taking_part, strict=True) if part)
 
@@ -513,7 +597,7 @@ def _train_epoch(
     for index, (x, y, active) in enumerate(data.threaded_map(prepare, range(steps), 1, ahead=2)):
         # A member found diverged at the last log point sits out from here on.
         active &= np.array([status == "training" for status in run.status])
-        stacked, out = train_step(stacked, x, y, *hyper, active)
+        stacked, out = train_step(stacked, x, y, *hyper, active, *augmentation)
         outputs.append(out)
         flags.append((active, index))
         if len(outputs) < LOG_EVERY and index + 1 < steps:
@@ -580,6 +664,12 @@ def _finish_member_epoch(run, i, stacked, epoch, train_loss, counts) -> float:
     member = run.members[i]
     state = member_slice(stacked, i)
     figures = epoch_figures(member.config, epoch, state, train_loss, counts)
+    stopping = run.stopping[i]
+    stopping.update(epoch, figures["validation"]["iou_defect"])
+    figures["early_stopping"] = stopping.as_json()
+    if stopping.stopped:
+        run.status[i] = "stopped early"
+        run.messages[i] = stopping.message()
     if run.logs[i] is not None:
         run.logs[i].write(figures)
     run.checkpoints[i].save(state, checkpoint_meta(figures, member.config, run.datasets[i]))

@@ -35,10 +35,11 @@ import optax
 from tqdm import tqdm
 
 from cheapnet_jax import data, data_check, layouts, metrics, synthetic, tfds_data
+from cheapnet_jax.augmentation import augment_batch, augmentation_flags, step_key
 from cheapnet_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from cheapnet_jax.errors import DataError, SettingsError, TrainingDivergedError
 from cheapnet_jax.files import exclusive_lock, write_atomic
-from cheapnet_jax.losses import LOSSES, Loss, bce_with_logits
+from cheapnet_jax.losses import POS_WEIGHT, Loss, bce_with_logits, check_loss_name, loss_named
 from cheapnet_jax.model import CheapNet, init_variables
 from cheapnet_jax.runlog import MetricsLog
 
@@ -74,8 +75,31 @@ class TrainConfig:
     keep_checkpoints: int = 3
     impl: str = "auto"
     loss: str = "bce-logits"  # or "bce-sigmoid": the authors' BCELoss(sigmoid), exactly
+    # The recipe (`RECIPES`) and its parts: augmentation on the device, defect-balanced
+    # batches, BCE's weight of defect pixels, early stopping. "paper": none of them.
+    recipe: str = "paper"
+    augment: tuple[str, ...] = ()
+    crop_size: int = 0  # 0: whole images
+    balance: float = 0.0  # the share of defective images in each batch (0: as drawn)
+    pos_weight: float = POS_WEIGHT
+    patience: int = 0  # epochs without a better validation defect IoU before stopping; 0: never
     dtype: str = "float32"  # "float64" for reproduction checks (needs jax_enable_x64)
     progress: bool = True
+
+
+RECIPES: dict[str, dict] = {
+    "paper": {"loss": "bce-logits", "augment": (), "crop_size": 0, "balance": 0.0, "patience": 0},
+}
+"""``--recipe`` presets: the settings each sets (flags given explicitly win). "paper": the
+paper's recipe, no augmentation, plain BCE, every epoch."""
+RECIPE_SETTINGS = ("loss", "augment", "crop_size", "balance", "patience")
+
+
+def with_recipe(config: TrainConfig, recipe: str, **explicit) -> TrainConfig:
+    """``config`` with ``recipe``'s settings, then the ``explicit`` ones."""
+    if recipe not in RECIPES:
+        raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    return dataclasses.replace(config, recipe=recipe, **{**RECIPES[recipe], **explicit})
 
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -97,6 +121,10 @@ RESUME_SETTINGS = (
     "synthetic_validation",
     "loss",
     "dtype",
+    "augment",
+    "crop_size",
+    "balance",
+    "pos_weight",
 )
 """The settings a resumed run must share with the run it continues. The device count, the
 epoch count, the layer implementation and the bookkeeping may change (the step does not depend
@@ -258,18 +286,45 @@ def create_state(
     )
 
 
+Augment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+"""``(step, x, masks) -> (x, masks)``: a step's augmentation (`augmenter`)."""
+
+
+def augmenter(config: TrainConfig, mean, std) -> Augment | None:
+    """``config``'s augmentation on the device (`augmentation.augment_batch`) of inputs
+    normalised by ``mean`` and ``std``, its draws keyed by the seed, the step and the device;
+    None when it has none. ``config.seed``, ``mean`` and ``std`` may be traced values (a
+    population's members)."""
+    if not config.augment and not config.crop_size:
+        return None
+    flags = jnp.asarray(augmentation_flags(config.augment))
+
+    def augment(step, x, masks):
+        key = step_key(config.seed, step, AXIS)
+        return augment_batch(key, x, masks, flags, mean, std, config.crop_size)
+
+    return augment
+
+
 def make_train_step(
-    model: CheapNet, optimizer: optax.GradientTransformation, loss: Loss = bce_with_logits
+    model: CheapNet,
+    optimizer: optax.GradientTransformation,
+    loss: Loss = bce_with_logits,
+    augment: Augment | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """One step on one device's share of the batch; collectives over the axis ``"batch"``.
 
-    x: [b, H, W, 1] normalised, masks: [b, H, W, 1] bool. Every device holds the same number of
-    examples, so the pmean of per-device means is the global mean. ``out["finite"]`` says
-    whether every updated parameter is finite, so that the update after the last loss of an
-    epoch is checked too before the state is saved.
+    x: [b, H, W, 1] normalised, masks: [b, H, W, 1] bool, augmented first by ``augment``
+    (`augmenter`) when given. Every device holds the same number of examples, so the pmean of
+    per-device means is the global mean. ``out["finite"]`` says whether every updated parameter
+    is finite, so that the update after the last loss of an epoch is checked too before the
+    state is saved.
     """
 
     def step(state: TrainState, x: jax.Array, masks: jax.Array) -> tuple[TrainState, dict]:
+        if augment is not None:
+            x, masks = augment(state.step, x, masks)
+
         def loss_fn(params):
             logits, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
@@ -304,6 +359,7 @@ def parallel_train_step(
     devices: list[jax.Device],
     loss: Loss = bce_with_logits,
     optimizer_args: tuple = (),
+    augment: Augment | None = None,
 ) -> Callable[[TrainState, np.ndarray, np.ndarray], tuple[TrainState, dict]]:
     """`make_train_step` data-parallel over ``devices``: the state goes in and comes out
     unreplicated, x and masks carry a leading device axis (`data.shard_batch`).
@@ -315,7 +371,7 @@ def parallel_train_step(
     """
 
     def step(args, state, x, masks):
-        return make_train_step(model, optimizer(*args), loss)(state, x, masks)
+        return make_train_step(model, optimizer(*args), loss, augment)(state, x, masks)
 
     stepped = jax.pmap(
         step, axis_name=AXIS, in_axes=(None, None, 0, 0), out_axes=(None, None), devices=devices
@@ -430,12 +486,34 @@ def check_config(config: TrainConfig) -> None:
         raise SettingsError(f"--image-size must be a multiple of 16, got {config.image_size}")
     if config.protocol not in ("paper", "dagm"):
         raise SettingsError(f"--protocol must be paper or dagm, got {config.protocol!r}")
-    if config.loss not in LOSSES:
-        raise SettingsError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    try:
+        check_loss_name(config.loss)
+        augmentation_flags(config.augment)
+    except ValueError as err:
+        raise SettingsError(f"--loss/--augment: {err}") from None
+    if config.recipe not in RECIPES:
+        raise SettingsError(f"--recipe must be one of {', '.join(RECIPES)}, got {config.recipe!r}")
+    if config.crop_size < 0 or config.crop_size % 16:
+        raise SettingsError(f"--crop-size must be 0 or a multiple of 16, got {config.crop_size}")
+    if not 0 <= config.balance < 1:
+        raise SettingsError(f"--balance must be in [0, 1), got {config.balance}")
+    if not (math.isfinite(config.pos_weight) and config.pos_weight > 0):
+        raise SettingsError(f"--pos-weight must be a number > 0, got {config.pos_weight}")
+    if config.patience < 0:
+        raise SettingsError(f"--patience must be >= 0, got {config.patience}")
     if config.dtype not in DTYPES:
         raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise SettingsError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
+
+
+def check_crop_size(crop_size: int, image_shape: tuple[int, int]) -> None:
+    """SettingsError unless ``--crop-size`` fits the training images (``[H, W]``)."""
+    if crop_size > min(image_shape):
+        raise SettingsError(
+            f"--crop-size {crop_size} is larger than the training images "
+            f"({image_shape[0]}x{image_shape[1]})"
+        )
 
 
 def changed_settings(saved: Mapping, config: TrainConfig) -> list[str]:
@@ -529,6 +607,7 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
             f"{len(dataset.train_images)} training images, fewer than one batch of "
             f"{config.batch_size}"
         )
+    check_crop_size(config.crop_size, dataset.train_images.shape[1:3])
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     dtype = DTYPES[config.dtype]
     model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
@@ -549,16 +628,20 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
         model,
         training_optimizer(config),
         devices,
-        LOSSES[config.loss],
+        loss_named(config.loss, config.pos_weight),
         optimizer_arguments(config, steps_per_epoch),
+        augmenter(config, dataset.mean, dataset.std),
     )
     eval_step = parallel_eval_step(
         make_eval_step(CheapNet(config.features, impl=config.impl)), devices
     )
     log = MetricsLog(Path(config.workdir)) if primary else None
     figures: dict = {}
+    stopping = EarlyStopping.resumed(config.patience, meta if restored is not None else None)
     try:
         for epoch in range(first_epoch, config.epochs):
+            if stopping.stopped:
+                break
             state, train_loss = _train_epoch(
                 config, dataset, state, train_step, epoch, steps_per_epoch, primary
             )
@@ -574,6 +657,8 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
                 dtype,
             )
             figures = epoch_figures(config, epoch, state, train_loss, counts)
+            stopping.update(epoch, figures["validation"]["iou_defect"])
+            figures["early_stopping"] = stopping.as_json()
             if log is not None:
                 log.write(figures)
             checkpoints.save(state, checkpoint_meta(figures, config, dataset))
@@ -583,12 +668,50 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
                     f"epoch {epoch + 1}/{config.epochs}: loss {train_loss:.4f}, validation mIoU "
                     f"{v['miou']:.4f}, IoU defect {v['iou_defect']:.4f}"
                 )
+                if stopping.stopped:
+                    print(stopping.message())
     finally:
         if log is not None:
             log.close()
     if log is not None:
         log.plot()
     return figures
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the validation defect IoU has not improved for ``patience`` epochs (0:
+    never). Its state goes into each checkpoint's meta, so a resumed run stops where the
+    uninterrupted one would."""
+
+    patience: int
+    best: float = -math.inf
+    best_epoch: int = -1
+    stopped: bool = False
+
+    @classmethod
+    def resumed(cls, patience: int, meta: Mapping | None) -> EarlyStopping:
+        saved = (meta or {}).get("early_stopping") or {}
+        best = saved.get("best")
+        stopping = cls(patience, -math.inf if best is None else best, saved.get("best_epoch", -1))
+        if meta is not None and patience:
+            stopping.stopped = int(meta["epoch"]) - stopping.best_epoch >= patience
+        return stopping
+
+    def update(self, epoch: int, iou_defect: float) -> None:
+        if math.isfinite(iou_defect) and iou_defect > self.best:
+            self.best, self.best_epoch = iou_defect, epoch
+        self.stopped = bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def as_json(self) -> dict:
+        best = self.best if math.isfinite(self.best) else None
+        return {"best": best, "best_epoch": self.best_epoch, "stopped": self.stopped}
+
+    def message(self) -> str:
+        return (
+            f"stopped early: the validation defect IoU has not improved for {self.patience} "
+            f"epochs (best {self.best:.4f} at epoch {self.best_epoch + 1})"
+        )
 
 
 def epoch_figures(
@@ -626,8 +749,19 @@ def cast_floats(tree, dtype):
     )
 
 
+def training_order(config: TrainConfig, dataset: Dataset, epoch: int, steps: int) -> np.ndarray:
+    """The examples of an epoch's ``steps`` batches, in order: shuffled (`data.epoch_order`),
+    or with ``config.balance`` of each batch defective (`data.balanced_order`)."""
+    if config.balance:
+        defective = dataset.train_masks.any(axis=(1, 2))
+        return data.balanced_order(
+            defective, config.seed, epoch, config.batch_size, steps, config.balance
+        )
+    return data.epoch_order(len(dataset.train_images), config.seed, epoch)
+
+
 def _train_epoch(config, dataset, state, train_step, epoch, steps_per_epoch, primary):
-    order = data.epoch_order(len(dataset.train_images), config.seed, epoch)
+    order = training_order(config, dataset, epoch, steps_per_epoch)
     lr = learning_rate_at(config, epoch)
     dtype = DTYPES[config.dtype]
     losses = []

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import pytest
 from conftest import REPO_ROOT, cli_env, kill_at_first_checkpoint, run_tool, small_config
 from PIL import Image
 
+from cheapnet_jax.augmentation import augmentation_flags
 from cheapnet_jax.checkpoints import load_orbax_checkpoint
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.losses import LOSSES
 from cheapnet_jax.model import CheapNet
 from cheapnet_jax.population import (
+    SharedSettings,
     make_population_step,
     members_per_chunk,
     parse_axis,
@@ -35,6 +38,7 @@ from cheapnet_jax.population import (
 from cheapnet_jax.synthetic import write_dagm_folder
 from cheapnet_jax.training import (
     AXIS,
+    augmenter,
     initial_state,
     make_optimizer,
     optimizer_arguments,
@@ -57,18 +61,22 @@ def test_axes_parse_ranges_lists_and_classes():
     ("text", "message"),
     [
         ("seed", "expected KEY=VALUES"),
-        ("width=2,4", "members may differ in seed, lr, loss, classes, data, not 'width'"),
+        ("width=2,4", "members may differ in seed, lr, loss, classes, data, recipe, augment"),
         ("seed=3..1", "empty range '3..1'"),
         ("seed=a", "invalid literal"),
         ("lr=0.01,-1", "finite numbers > 0"),
         ("lr=nan", "finite numbers > 0"),
         ("classes=0,11", "DAGM classes are 1..10"),
-        ("loss=mse", "unknown loss 'mse'"),
+        ("loss=mse", "loss 'mse': unknown term 'mse'"),
+        ("loss=dice+dice", "loss 'dice+dice': a repeated term"),
+        ("augment=flip+spin", "unknown augmentation 'spin'"),
+        ("balance=0.5,1", "balance shares must be in [0, 1)"),
+        ("recipe=fancy", "unknown recipe 'fancy'"),
         ("seed=1,1", "a value is repeated"),
     ],
 )
 def test_bad_axes_say_what_was_wrong(text, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse_axis(text)
 
 
@@ -120,7 +128,14 @@ def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
         replicated = replicated_sharding(devices)
         steps_per_epoch = base.synthetic_train // base.batch_size
         members = [(0, 0.01), (0, 0.002), (1, 0.01), (1, 0.002)]
-        configs = [dataclasses.replace(base, seed=seed, lr=lr) for seed, lr in members]
+        # members 0 and 2 augment (their own draws: their seeds), 1 and 3 do not
+        configs = [
+            dataclasses.replace(
+                base, seed=seed, lr=lr, augment=("flip", "rot90", "gamma") if lr == 0.01 else ()
+            )
+            for seed, lr in members
+        ]
+        mean, std = 0.4, 0.25
         states = [initial_state(c, model, make_optimizer(c, steps_per_epoch)) for c in configs]
         rng = np.random.default_rng(0)
         shape = (1, len(members), base.batch_size, base.image_size, base.image_size, 1)
@@ -134,6 +149,7 @@ def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
                 devices,
                 LOSSES[base.loss],
                 optimizer_arguments(config, steps_per_epoch),
+                augmenter(config, mean, std),
             )
             wanted.append(solo_step(jax.device_put(states[i], replicated), x[:, i], masks[:, i])[0])
         settings = (
@@ -141,14 +157,21 @@ def test_chunked_population_steps_equal_each_members_solo_step(tmp_path):
             np.full(len(members), steps_per_epoch, np.int32),
             np.zeros(len(members), np.int32),
             np.ones(len(members), bool),
+            np.array([config.seed for config in configs], np.int32),
+            np.stack([augmentation_flags(config.augment) for config in configs]),
+            np.full(len(members), mean),
+            np.full(len(members), std),
+        )
+        shared = SharedSettings(
+            base.gamma, base.milestones, (base.loss,), base.pos_weight, augmenting=True, crop_size=0
         )
         stacked = jax.device_put(stack_members(states), replicated)
         member_pixels = base.batch_size * base.image_size**2
         for form, chunk_pixels in {"vmap": None, "2": 2 * member_pixels, "1": 1}.items():
             step = jax.pmap(
-                make_population_step(model, base.gamma, base.milestones, [base.loss], chunk_pixels),
+                make_population_step(model, shared, chunk_pixels),
                 axis_name=AXIS,
-                in_axes=(None, 0, 0, None, None, None, None),
+                in_axes=(None, 0, 0) + (None,) * 8,
                 out_axes=(None, None),
                 devices=devices,
             )

@@ -116,7 +116,7 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         is_switch = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
         # an empty default (no classes, no paths) says nothing the help does not
-        is_empty = action.default in ((), [], "")
+        is_empty = action.default in ((), [], "", None)
         return action.help if is_switch or is_empty else super()._get_help_string(action)
 
 

@@ -15,11 +15,38 @@ import os
 import sys
 
 from cheapnet_jax import cli
+from cheapnet_jax.augmentation import AUGMENTATIONS, augmentation_flags
+from cheapnet_jax.losses import LOSSES, check_loss_name
 from cheapnet_jax.model import VARIANTS
 from cheapnet_jax.population import parse_axis, population_grid, train_population
-from cheapnet_jax.training import LOSSES, TrainConfig, train_and_evaluate
+from cheapnet_jax.training import (
+    RECIPE_SETTINGS,
+    RECIPES,
+    TrainConfig,
+    train_and_evaluate,
+    with_recipe,
+)
 
 DEFAULTS = TrainConfig()
+
+
+def loss_name(text: str) -> str:
+    """``--loss``: a loss or a sum of them (`losses.check_loss_name`)."""
+    try:
+        check_loss_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def augment_names(text: str) -> tuple[str, ...]:
+    """``--augment flip,rot90`` or ``none``."""
+    names = () if text == "none" else tuple(text.split(","))
+    try:
+        augmentation_flags(names)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return names
 
 
 def population_axis(text: str) -> tuple[str, tuple]:
@@ -70,8 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     add("--synthetic-validation", type=cli.count, help="synthetic validation images")
     add("--keep-checkpoints", type=cli.count, help="latest N kept, plus the best")
     add("--impl", choices=["auto", "lax", "fused"], help="layer implementation")
-    add("--loss", choices=sorted(LOSSES), help="BCE on logits, or the authors' BCELoss(sigmoid)")
     add("--dtype", choices=["float32", "float64"], help="training precision")
+    recipe = parser.add_argument_group(
+        "the recipe: --recipe sets the flags below; a flag given explicitly wins"
+    )
+    recipe.add_argument("--recipe", choices=sorted(RECIPES), help="paper: the paper's recipe")
+    recipe.add_argument(
+        "--loss",
+        type=loss_name,
+        help=f"one of {', '.join(LOSSES)}, or a sum such as bce-logits+dice (bce-sigmoid: the "
+        "authors' BCELoss(sigmoid), exactly)",
+    )
+    recipe.add_argument(
+        "--augment",
+        type=augment_names,
+        help=f"on the device, comma-separated: {', '.join(AUGMENTATIONS)}; 'none'",
+    )
+    recipe.add_argument(
+        "--crop-size", type=cli.non_negative, help="train on random crops of this side (0: none)"
+    )
+    recipe.add_argument(
+        "--balance", type=cli.rate, help="the share of defective images in each batch (0: as drawn)"
+    )
+    recipe.add_argument(
+        "--patience",
+        type=cli.non_negative,
+        help="stop after this many epochs without a better validation defect IoU (0: never)",
+    )
+    add("--pos-weight", type=cli.positive, help="bce-weighted: a defect pixel's weight")
     add("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add(
         "--allow-changes",
@@ -96,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     hosts.add_argument("--num-processes", type=cli.count, help="number of processes")
     hosts.add_argument("--process-id", type=cli.non_negative, help="this process's index, 0..N-1")
-    parser.set_defaults(**dataclasses.asdict(DEFAULTS))
+    # the recipe's settings: None until parse_config fills in the recipe's where not given
+    parser.set_defaults(**{**dataclasses.asdict(DEFAULTS), **dict.fromkeys(RECIPE_SETTINGS)})
     return parser
 
 
@@ -114,8 +168,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that the parsed flags describe."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    """The TrainConfig that the parsed flags describe: the recipe's settings, then the flags
+    given (a recipe setting's flag is None when not given)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    explicit = {name: values.pop(name) for name in RECIPE_SETTINGS}
+    explicit = {name: value for name, value in explicit.items() if value is not None}
+    return with_recipe(TrainConfig(**values), values["recipe"], **explicit)
 
 
 def start_processes(args: argparse.Namespace) -> None:
