@@ -1,7 +1,8 @@
 """Which training recipe for a small, imbalanced set: test defect IoU and image AUROC of recipes
 trained as populations, mean and spread over seeds.
 
-    .venv/bin/python benchmarks/recipes.py [--seeds 4] [--epochs 120] [--json out/recipes.json]
+    .venv/bin/python benchmarks/recipes.py [--seeds 4] [--epochs 60] [--sets small,full] \
+        [--axes KEY=VALUES ...] [--json out/recipes.json]
 
 The small set: 12 defective and 36 good synthetic 128x128 images across the ten texture
 families, written as a plain folder and given to train.py as a user's folder would be (split
@@ -31,7 +32,7 @@ from cheapnet_jax.bench import format_table, machine_description, write_json  # 
 from cheapnet_jax.synthetic import write_layout  # noqa: E402
 
 AXES = {
-    "loss": ["bce-logits", "bce-logits+dice", "bce-weighted"],
+    "loss": ["bce-logits", "bce-logits+dice"],
     "augment": ["none", "flip+rot90+brightness+contrast+gamma"],
     "balance": ["0", "0.5"],
 }
@@ -99,7 +100,7 @@ def summarise(members: dict[str, dict], set_name: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--out", default="out/recipes")
     parser.add_argument("--sets", default="small,full")
     parser.add_argument(

@@ -65,6 +65,8 @@ from cheapnet_jax.errors import UnknownModelError
 from cheapnet_jax.members import (
     make_member_detector,
     make_member_network,
+    member_batch_size,
+    member_batch_sizes,
     normalization_tables,
     stack_members,
 )
@@ -810,10 +812,12 @@ class _MemberGroup:
         min_areas = self.min_areas[member] if min_area is None else np.full(count, min_area)
         thresholds = thresholds.astype(np.float32)
         min_areas = min_areas.astype(np.int32)
-        batch = _Batch(images, names, inspector.options, keep_masks, keep_probabilities)
+        batch = _Batch(
+            images, names, inspector.options, keep_masks, keep_probabilities, member_batch_size
+        )
         size = len(batch.pixels)
         on_device = jax.device_put(
-            (batch.pixels, pad_batch(member, size)), inspector.devices[device]
+            (batch.pixels, pad_batch(member, size), np.int32(count)), inspector.devices[device]
         )
         weights, tables = self.variables[device], self.tables[device]
         if self.labels_on_host:
@@ -832,10 +836,10 @@ class _MemberGroup:
         return lambda: batch.results(found)
 
     def warm(self, inspector: Inspector, shape: tuple[int, int]) -> None:
-        """Compile the programs for images of ``shape`` at every batch size, on every
-        device."""
+        """Compile the programs for images of ``shape`` at the batch sizes they run
+        (`member_batch_sizes`), on every device."""
         for device in range(len(inspector.devices)):
-            for size in compiled_batch_sizes(inspector.options.batch_size):
+            for size in member_batch_sizes(inspector.options.batch_size):
                 blank = [np.zeros(shape, np.uint8)] * size
                 names = [self.names[i % len(self.names)] for i in range(size)]
                 self.start_batch(inspector, device, blank, None, None, names, False, False)()
@@ -852,13 +856,14 @@ class _Batch:
         options: InspectorOptions,
         keep_masks: bool,
         keep_probabilities: bool,
+        batch_size: Callable[[int, int], int] = compiled_batch_size,
     ):
         self.names, self.count, self.shape = list(names), len(images), images[0].shape
         self.keep = (keep_masks, keep_probabilities)
         self.max_components = options.max_components
         padded = np.stack([pad_to_multiple(image) for image in images])  # uint8 [B, H, W]
         # numpy, put on the device as it is (not through jnp.asarray)
-        self.pixels = pad_batch(padded, compiled_batch_size(self.count, options.batch_size))
+        self.pixels = pad_batch(padded, batch_size(self.count, options.batch_size))
 
     def fetched(self, found: Detections) -> Detections:
         """The detector's output brought to the host: only what the results need, not the

@@ -51,6 +51,7 @@ def member_probabilities(
     tables: jax.Array,
     x: jax.Array,
     member: jax.Array,
+    count: jax.Array | None = None,
     *,
     dtype: str = "float32",
     fold: bool = True,
@@ -58,7 +59,9 @@ def member_probabilities(
     """Probabilities float32 ``[B, H, W]`` of uint8 pixels ``[B, H, W]``, image ``i`` through
     member ``member[i]``'s weights (``stacked``: variables with a leading member axis) and
     normalisation (``tables``: `normalization_tables`): `detection.network_probabilities` of
-    each image with its member's variables."""
+    each image with its member's variables. On the CPU only the first ``count`` images (a
+    traced int32; None: all) go through the network, the others' probabilities are 0: one
+    program serves every batch of 2 to B images (see `member_batch_sizes`)."""
     if fold and not model.folded:
         model, stacked = model.clone(folded=True), jax.vmap(fold_batch_norm)(stacked)
     model = model.clone(activation_dtype=INFERENCE_DTYPES[dtype])
@@ -94,28 +97,54 @@ def member_probabilities(
 
     else:
         one = sliced
+
+    def first_ones(operands: tuple[jax.Array, jax.Array]) -> jax.Array:
+        # A loop of a traced length: XLA:CPU cannot unroll it (it unrolled the short loops of
+        # batches of 2 and 4, each with a branch per member: 100 MiB more code each for ten
+        # CheapNet-S members).
+        pixels, index = operands
+
+        def body(i, logits):
+            return logits.at[i].set(one((pixels[i], index[i])).astype(logits.dtype))
+
+        logits = jnp.zeros((*pixels.shape, 1), jnp.float32)  # the normalised images' dtype
+        return lax.fori_loop(0, pixels.shape[0] if count is None else count, body, logits)
+
     if x.shape[0] == 1:
         logits = one((x[0], member[0]))[None]
     else:
         logits = lax.platform_dependent(
             (x, member),
-            cpu=lambda operands: lax.map(one, operands),
+            cpu=first_ones,
             default=lambda operands: jax.vmap(lambda *pair: sliced(pair))(*operands),
         )
     return jax.nn.sigmoid(logits.astype(jnp.float32))[..., 0]
 
 
+def member_batch_sizes(batch_size: int) -> list[int]:
+    """The batch sizes a several-member program is compiled for: 1, and ``batch_size`` for
+    every batch of 2 to ``batch_size`` images (padded; only the real ones computed)."""
+    return sorted({1, batch_size})
+
+
+def member_batch_size(count: int, batch_size: int) -> int:
+    """The batch `member_batch_sizes` runs ``count`` images as."""
+    return 1 if count == 1 else batch_size
+
+
 def make_member_network(
     model: CheapNet, *, dtype: str = "float32", fold: bool = True
 ) -> Callable[..., jax.Array]:
-    """A jitted ``(stacked, tables, x, member, crop=None) -> probabilities [B, H, W]``
-    (`member_probabilities`, the top-left ``crop=(height, width)`` kept)."""
+    """A jitted ``(stacked, tables, x, member, count=None, crop=None) -> probabilities
+    [B, H, W]`` (`member_probabilities`, the top-left ``crop=(height, width)`` kept)."""
     check_dtype(dtype)
 
     @functools.partial(jax.jit, static_argnames="crop")
-    def probabilities_of(stacked, tables, x, member, crop: tuple[int, int] | None = None):
+    def probabilities_of(
+        stacked, tables, x, member, count=None, crop: tuple[int, int] | None = None
+    ):
         probabilities = member_probabilities(
-            model, stacked, tables, x, member, dtype=dtype, fold=fold
+            model, stacked, tables, x, member, count, dtype=dtype, fold=fold
         )
         return probabilities if crop is None else probabilities[:, : crop[0], : crop[1]]
 
@@ -125,14 +154,14 @@ def make_member_network(
 def make_member_detector(
     model: CheapNet, *, max_components: int = 256, dtype: str = "float32", fold: bool = True
 ) -> Callable[..., Detections]:
-    """A jitted ``(stacked, tables, x, member, thresholds [B], min_areas [B], crop=None) ->
-    Detections``: `make_member_network`'s probabilities, each image thresholded, labeled and
-    measured with its own threshold and minimum area."""
+    """A jitted ``(stacked, tables, x, member, count, thresholds [B], min_areas [B], crop=None)
+    -> Detections``: `make_member_network`'s probabilities, each image thresholded, labeled
+    and measured with its own threshold and minimum area."""
     network = make_member_network(model, dtype=dtype, fold=fold)
 
     @functools.partial(jax.jit, static_argnames="crop")
-    def detector(stacked, tables, x, member, thresholds, min_areas, crop=None) -> Detections:
-        probabilities = network(stacked, tables, x, member, crop=crop)
+    def detector(stacked, tables, x, member, count, thresholds, min_areas, crop=None) -> Detections:
+        probabilities = network(stacked, tables, x, member, count, crop=crop)
         return detections_from_probabilities(
             probabilities,
             threshold=thresholds[:, None, None],

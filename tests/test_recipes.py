@@ -113,7 +113,7 @@ def test_losses_equal_pytorch_and_numpy():
     want = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(7.0))(
         torch.tensor(logits), torch.tensor(masks, dtype=torch.float64)
     )
-    with jax.experimental.enable_x64():
+    with jax.enable_x64(True):
         got = weighted_bce(jnp.asarray(logits), jnp.asarray(masks), 7.0)
         np.testing.assert_allclose(float(got), float(want), rtol=1e-12)
         p = 1 / (1 + np.exp(-logits))
