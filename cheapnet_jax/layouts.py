@@ -112,7 +112,7 @@ def recognise(source: str | os.PathLike) -> str:
     """The layout of a data folder (or COCO JSON file); DataError when none or several match."""
     source = Path(source)
     if not source.exists():
-        raise DataError(f"{source}: no such file or folder")
+        raise DataError(f"{source}: no such folder or file")
     found = _signatures(source)
     if not found:
         raise DataError(

@@ -476,7 +476,7 @@ def _train(base: TrainConfig, run: _Run, devices: list, primary: bool) -> list[d
 
     configs = [member.config for member in run.members]
     for config in configs:
-        check_crop_size(config.crop_size, run.datasets[0].train_images.shape[1:3])
+        check_crop_size(config.crop_size, run.datasets[0])
     shared = SharedSettings(
         base.gamma,
         base.milestones,

@@ -89,9 +89,18 @@ class TrainConfig:
 
 RECIPES: dict[str, dict] = {
     "paper": {"loss": "bce-logits", "augment": (), "crop_size": 0, "balance": 0.0, "patience": 0},
+    "small": {
+        "loss": "bce-logits+dice",
+        "augment": ("flip", "rot90", "brightness", "contrast", "gamma"),
+        "crop_size": 0,
+        "balance": 0.5,
+        "patience": 0,
+    },
 }
 """``--recipe`` presets: the settings each sets (flags given explicitly win). "paper": the
-paper's recipe, no augmentation, plain BCE, every epoch."""
+paper's recipe, no augmentation, plain BCE, every epoch. "small": for small, imbalanced sets,
+the best of the recipes `benchmarks/recipes.py` compared (BENCHMARKS.md, "Training recipes"):
+every augmentation, half of each batch defective, BCE plus Dice."""
 RECIPE_SETTINGS = ("loss", "augment", "crop_size", "balance", "patience")
 
 
@@ -507,8 +516,11 @@ def check_config(config: TrainConfig) -> None:
         raise SettingsError("--dtype float64 needs 64-bit JAX: set JAX_ENABLE_X64=1")
 
 
-def check_crop_size(crop_size: int, image_shape: tuple[int, int]) -> None:
-    """SettingsError unless ``--crop-size`` fits the training images (``[H, W]``)."""
+def check_crop_size(crop_size: int, dataset: Dataset) -> None:
+    """SettingsError unless ``--crop-size`` fits the dataset's training images."""
+    if not crop_size:
+        return
+    image_shape = np.shape(dataset.train_images[np.arange(1)])[1:3]
     if crop_size > min(image_shape):
         raise SettingsError(
             f"--crop-size {crop_size} is larger than the training images "
@@ -607,7 +619,7 @@ def _train(config: TrainConfig, checkpoints: Checkpoints, devices: list, primary
             f"{len(dataset.train_images)} training images, fewer than one batch of "
             f"{config.batch_size}"
         )
-    check_crop_size(config.crop_size, dataset.train_images.shape[1:3])
+    check_crop_size(config.crop_size, dataset)
     steps_per_epoch = len(dataset.train_images) // config.batch_size
     dtype = DTYPES[config.dtype]
     model = CheapNet(config.features, impl=config.impl, bn_axis_name=AXIS)
@@ -753,7 +765,10 @@ def training_order(config: TrainConfig, dataset: Dataset, epoch: int, steps: int
     """The examples of an epoch's ``steps`` batches, in order: shuffled (`data.epoch_order`),
     or with ``config.balance`` of each batch defective (`data.balanced_order`)."""
     if config.balance:
-        defective = dataset.train_masks.any(axis=(1, 2))
+        if "defective" not in dataset.extra:  # read once (a TFDS split reads on demand)
+            masks = dataset.train_masks[np.arange(len(dataset.train_masks))]
+            dataset.extra["defective"] = np.asarray(masks).reshape(len(masks), -1).any(axis=1)
+        defective = dataset.extra["defective"]
         return data.balanced_order(
             defective, config.seed, epoch, config.batch_size, steps, config.balance
         )

@@ -46,6 +46,8 @@ def test_own_data_guide(tmp_path):
     assert check_output in outputs[0], outputs[0]
     assert (tmp_path / "runs" / "my-parts" / "calibration.json").is_file()
     assert (tmp_path / "found" / "defects.jsonl").is_file()
+    members = (tmp_path / "runs" / "sweep" / "members.csv").read_text().splitlines()
+    assert len(members) == 1 + 4 + 1  # the header, 4 members, their mean
 
 
 @pytest.mark.parametrize("page", ["own-data.md"])
