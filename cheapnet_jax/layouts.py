@@ -113,7 +113,11 @@ def recognise(source: str | os.PathLike) -> str:
     source = Path(source)
     if not source.exists():
         raise DataError(f"{source}: no such folder or file")
-    found = _signatures(source)
+    return _layout_of(source, _signatures(source))
+
+
+def _layout_of(source: Path, found: dict[str, str]) -> str:
+    """The one layout of `_signatures`' ``found``; DataError when none or several."""
     if not found:
         raise DataError(
             f"{source}: not a data folder of any known layout (tried {', '.join(LAYOUTS)}; "
@@ -132,7 +136,10 @@ def list_samples(source: str | os.PathLike, defect_classes: Sequence[str] = ()) 
     """The samples of a data folder of any layout (`recognise`), sorted by image path but for
     DAGM's (``Labels.txt`` order)."""
     source = Path(source)
-    layout = recognise(source)
+    return _listed(source, recognise(source), tuple(defect_classes))
+
+
+def _listed(source: Path, layout: str, defect_classes: tuple[str, ...]) -> list[DagmSample]:
     if layout in ("dagm", "plain") and defect_classes:
         raise DataError(f"{source}: a {layout} folder names no classes to pick defects by")
     listers: dict[str, Callable[[Path, tuple[str, ...]], list[DagmSample]]] = {
@@ -144,7 +151,7 @@ def list_samples(source: str | os.PathLike, defect_classes: Sequence[str] = ()) 
         "mvtec": _mvtec_samples,
         "kolektorsdd2": _kolektor_samples,
     }
-    samples = listers[layout](source, tuple(defect_classes))
+    samples = listers[layout](source, defect_classes)
     if not samples:
         raise DataError(f"{source}: no images ({layout} layout)")
     return samples
@@ -161,10 +168,11 @@ def training_splits(
     ``protocol`` (`data.paper_split` or `data.dagm_split`), else any layout's images,
     defective and good alike, split 8:2 by ``seed`` (`data.random_split`)."""
     source = Path(source)
-    is_dagm_root = source.is_dir() and not _signatures(source)
-    if not is_dagm_root:
-        layout = recognise(source)
-        samples = list_samples(source, defect_classes)
+    # A folder's layout files are read once here (a COCO JSON can be large).
+    found = _signatures(source) if source.is_dir() else None
+    if found is None or found:
+        layout = recognise(source) if found is None else _layout_of(source, found)
+        samples = _listed(source, layout, tuple(defect_classes))
         return data.random_split(samples, seed=seed, name=source), f"{source} ({layout})"
     if protocol == "dagm":
         splits = data.dagm_split(source, classes, seed=seed)

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cheapnet_jax import data, metrics
-from cheapnet_jax.augmentation import augment_batch, augmentation_flags, step_key
+from cheapnet_jax.augmentation import augmentation_flags
 from cheapnet_jax.checkpoints import MEMBERS_DIR, POPULATION_FILE, Checkpoints
 from cheapnet_jax.errors import SettingsError
 from cheapnet_jax.files import exclusive_lock, write_atomic
@@ -58,6 +58,7 @@ from cheapnet_jax.training import (
     Dataset,
     EarlyStopping,
     TrainConfig,
+    augmenting,
     check_config,
     check_crop_size,
     check_resumable,
@@ -273,11 +274,7 @@ def make_population_step(model: CheapNet, shared: SharedSettings, chunk_pixels: 
         optimizer = stepped_adam(lr, gamma, milestones, steps_per_epoch)
         augment = None
         if shared.augmenting:
-
-            def augment(step, x, masks):
-                key = step_key(seed, step, AXIS)
-                return augment_batch(key, x, masks, flags, mean, std, shared.crop_size)
-
+            augment = augmenting(seed, flags, mean, std, shared.crop_size)
         if len(losses) == 1:
             loss = losses[0]
         else:

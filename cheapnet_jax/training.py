@@ -300,17 +300,22 @@ Augment = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array
 
 
 def augmenter(config: TrainConfig, mean, std) -> Augment | None:
-    """``config``'s augmentation on the device (`augmentation.augment_batch`) of inputs
-    normalised by ``mean`` and ``std``, its draws keyed by the seed, the step and the device;
-    None when it has none. ``config.seed``, ``mean`` and ``std`` may be traced values (a
-    population's members)."""
+    """``config``'s augmentation (`augmenting`) of inputs normalised by ``mean`` and ``std``;
+    None when it has none."""
     if not config.augment and not config.crop_size:
         return None
     flags = jnp.asarray(augmentation_flags(config.augment))
+    return augmenting(config.seed, flags, mean, std, config.crop_size)
+
+
+def augmenting(seed, flags, mean, std, crop_size: int) -> Augment:
+    """Augmentation on the device (`augmentation.augment_batch`) with ``flags`` of inputs
+    normalised by ``mean`` and ``std``, its draws keyed by ``seed``, the step and the device.
+    ``seed``, ``flags``, ``mean`` and ``std`` may be traced values (a population's members)."""
 
     def augment(step, x, masks):
-        key = step_key(config.seed, step, AXIS)
-        return augment_batch(key, x, masks, flags, mean, std, config.crop_size)
+        key = step_key(seed, step, AXIS)
+        return augment_batch(key, x, masks, flags, mean, std, crop_size)
 
     return augment
 
